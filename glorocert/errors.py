@@ -1,0 +1,22 @@
+"""The one exception type users see.
+
+Every user mistake or bad input (unreadable file, unsupported operator, NaN
+pixels, stale bound …) raises :class:`GlorocertError` with a one-line message
+that says what is wrong and what to do. The CLI turns it into exit code 2
+without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+
+class GlorocertError(Exception):
+    """A user-facing error: bad input, unsupported model, wrong usage."""
+
+    exit_code = 2
+
+
+class UnsupportedOperator(GlorocertError):
+    """The model contains an operation the IR does not know (never assumed 1-Lipschitz)."""
+
+    def __init__(self, op: str, node: str, hint: str = ""):
+        self.op, self.node = op, node
+        msg = f"unsupported operator {op!r} at node {node!r}"
+        super().__init__(msg + (f": {hint}" if hint else ""))

@@ -1,0 +1,368 @@
+"""ONNX front end: an onnx ModelProto → the IR, plus an onnxruntime runner.
+
+Supported operators: Conv, Gemm, MatMul, Add/Sub/Mul/Div (by constants, or
+Add/Sub of two tensors), Relu, LeakyRelu, Tanh, Sigmoid, BatchNormalization,
+Flatten, Reshape, MaxPool, AveragePool, GlobalAveragePool, Concat, Identity,
+Dropout, and MinMax written as Split/Slice → Max + Min → Concat (channel
+halves) or, for adjacent pairs, the same between two Reshapes. Shape-only
+arithmetic (Shape, Gather, Unsqueeze, Concat of shape values, …) is folded to
+constants. Any other operator is refused with its name and node.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from glorocert.errors import GlorocertError, UnsupportedOperator
+from glorocert.graph import (
+    Activation, Add, Affine, AvgPool, Concat, Conv2d, GlobalAvgPool, Graph, Linear, MaxPool, MinMax, Node, Reshape,
+)
+
+ACTIVATION_OPS = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "LeakyRelu": "leaky_relu"}
+PASS_THROUGH = {"Identity", "Dropout"}
+TRACE_BATCH = 2
+SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Slice", "ConstantOfShape", "Range", "Mul", "Div", "Add", "Sub"}
+
+
+def read_onnx(path: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf raises several types on garbage
+        raise GlorocertError(f"{path}: not a readable ONNX file ({type(e).__name__}); is it truncated or another format?") from None
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise GlorocertError(f"{path}: invalid ONNX model: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _static_shape(value_info) -> list[int | None]:
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+
+def input_shape_of(model: onnx.ModelProto) -> tuple[str, tuple[int | None, ...]]:
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise GlorocertError(f"the model has {len(inputs)} inputs ({[i.name for i in inputs]}); glorocert certifies single-input classifiers")
+    return inputs[0].name, tuple(_static_shape(inputs[0])[1:])
+
+
+class _Converter:
+    def __init__(self, model: onnx.ModelProto, input_shape: tuple[int, ...]):
+        self.model = model
+        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.input_name, declared = input_shape_of(model)
+        self.input_shape = input_shape
+        if len(declared) != len(input_shape) or any(d not in (None, s) for d, s in zip(declared, input_shape)):
+            raise GlorocertError(f"input shape {input_shape} does not match the model's declared input {declared}")
+        validate_shapes(model, input_shape)
+        # shapes are tracked by running each converted op on a batch of TRACE_BATCH zeros, so
+        # Shape arithmetic folds to constants and a Reshape that mixes samples is caught
+        self.values: dict[str, torch.Tensor] = {self.input_name: torch.zeros(TRACE_BATCH, *input_shape, dtype=torch.float64)}
+        self.nodes: list[Node] = []
+        self.alias: dict[str, str] = {}  # ONNX tensor name → IR tensor name
+        self.views: dict[str, tuple[str, int, int, int, int]] = {}  # Split/Slice outputs: (source, axis, start, stop, size)
+        self.rank: dict[str, int] = {}
+        self.pending_minmax: dict[str, dict] = {}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.values[name].shape)
+
+    def tensor(self, name: str) -> str:
+        if name in self.views:
+            raise UnsupportedOperator("Split/Slice", name, "glorocert reads Split/Slice only as part of a MinMax pattern")
+        return self.alias.get(name, name)
+
+    def is_const(self, name: str) -> bool:
+        return name in self.consts
+
+    def emit(self, name: str, op, *inputs: str) -> None:
+        self.nodes.append(Node(name, op, tuple(self.tensor(i) for i in inputs)))
+        try:
+            self.values[name] = op.forward(*(self.values[i] for i in inputs))
+        except RuntimeError as e:
+            raise GlorocertError(f"node {name!r} ({op.describe()}) cannot run on its input shape: {str(e).splitlines()[0][:200]}") from None
+
+    def per_sample_constant(self, value: np.ndarray, data_name: str, node_name: str) -> torch.Tensor:
+        """A constant that broadcasts against a batched tensor, as a per-sample tensor."""
+        value = np.asarray(value, dtype=np.float64)
+        shape = self.shape(data_name)
+        if value.ndim and value.ndim == len(shape):
+            if value.shape[0] != 1:
+                raise UnsupportedOperator("broadcast over batch", node_name, "constants must not vary along the batch axis")
+            value = value[0]
+        return torch.from_numpy(value.copy())
+
+    def fold_constant(self, node: onnx.NodeProto) -> bool:
+        """Evaluate nodes whose inputs are all constants (shape arithmetic, Constant)."""
+        if node.op_type == "Constant":
+            a = _attrs(node)
+            if "value" in a:
+                self.consts[node.output[0]] = numpy_helper.to_array(a["value"])
+            else:
+                key = next(iter(a))
+                self.consts[node.output[0]] = np.array(a[key])
+            return True
+        if node.op_type == "Shape" and node.input[0] in self.values:
+            shape = np.array(self.shape(node.input[0]), dtype=np.int64)
+            a = _attrs(node)
+            self.consts[node.output[0]] = shape[a.get("start", 0) : a.get("end", len(shape))]
+            return True
+        if all(i == "" or self.is_const(i) for i in node.input) and node.op_type in SHAPE_OPS | {"Identity", "Reshape", "Transpose", "Expand", "Equal", "Where", "Not", "Neg", "Sqrt", "Reciprocal", "Pow"}:
+            from onnx.reference import ReferenceEvaluator
+
+            graph = onnx.helper.make_graph(
+                [node], "fold", [],
+                [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output],
+                [numpy_helper.from_array(np.asarray(self.consts[i]), i) for i in node.input if i],
+            )
+            opset = [o for o in self.model.opset_import if o.domain in ("", "ai.onnx")]
+            results = ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=opset)).run(None, {})
+            for name, value in zip(node.output, results):
+                self.consts[name] = np.asarray(value)
+            return True
+        return False
+
+    def convert(self) -> Graph:
+        self.find_minmax()
+        for node in self.model.graph.node:
+            if self.fold_constant(node):
+                continue
+            self.convert_node(node)
+        outputs = [o.name for o in self.model.graph.output]
+        if len(outputs) != 1:
+            raise GlorocertError(f"the model has {len(outputs)} outputs {outputs}; glorocert certifies one logits output")
+        out = self.tensor(outputs[0])
+        if out == self.input_name:
+            raise GlorocertError("the model's output is its input; nothing to certify")
+        declared = _static_shape(self.model.graph.output[0])[1:]
+        actual = self.shape(outputs[0])[1:]
+        if len(declared) != len(actual) or any(d not in (None, s) for d, s in zip(declared, actual)):
+            raise GlorocertError(f"the model declares output shape {declared} but computes {list(actual)}")
+        return Graph(self.input_name, self.input_shape, self.nodes, out)
+
+    # ----------------------------------------------------------- MinMax patterns
+    def find_minmax(self) -> None:
+        producers = {o: n for n in self.model.graph.node for o in n.output}
+        for concat in self.model.graph.node:
+            if concat.op_type != "Concat" or len(concat.input) != 2:
+                continue
+            first, second = (producers.get(i) for i in concat.input)
+            if not first or not second or {first.op_type, second.op_type} != {"Max", "Min"}:
+                continue
+            if set(first.input) != set(second.input) or len(first.input) != 2:
+                continue
+            self.pending_minmax[concat.output[0]] = {
+                "parts": list(first.input), "axis": _attrs(concat)["axis"], "max_first": first.op_type == "Max",
+                "skip": {first.output[0], second.output[0]},
+            }
+
+    def minmax(self, node: onnx.NodeProto) -> None:
+        p = self.pending_minmax[node.output[0]]
+        a, b = (self.views.get(x) for x in p["parts"])
+        if a is None or b is None or a[0] != b[0] or a[1] != b[1]:
+            raise UnsupportedOperator("Max/Min", node.name or node.output[0], "MinMax must pair two halves of one tensor (Split or Slice)")
+        src, axis, a0, a1, size = a
+        _, _, b0, b1, _ = b
+        if sorted([(a0, a1), (b0, b1)]) != [(0, size // 2), (size // 2, size)] or p["axis"] % self.rank[src] != axis:
+            raise UnsupportedOperator("Max/Min", node.name or node.output[0], "MinMax must split and re-join the same axis in two halves")
+        self.emit(node.output[0], MinMax(axis=axis, max_first=p["max_first"]), src)
+
+    # ---------------------------------------------------------------- operators
+    def convert_node(self, node: onnx.NodeProto) -> None:
+        op, a, name, out = node.op_type, _attrs(node), node.name or node.output[0], node.output[0]
+        if any(out in p["skip"] for p in self.pending_minmax.values()):
+            return
+        if out in self.pending_minmax:
+            return self.minmax(node)
+        data = [i for i in node.input if i and not self.is_const(i)]
+        if not data:
+            raise UnsupportedOperator(op, name, "cannot fold this constant expression")
+        x = node.input[0]
+        if op in PASS_THROUGH:
+            self.alias[out] = self.tensor(x)
+            self.values[out] = self.values[x]
+        elif op in ACTIVATION_OPS:
+            self.emit(out, Activation(ACTIVATION_OPS[op], float(a.get("alpha", 0.01)) if op == "LeakyRelu" else 0.0), x)
+        elif op == "Conv":
+            self.conv(node, a, out)
+        elif op == "Gemm":
+            self.gemm(node, a, out)
+        elif op == "MatMul":
+            if not self.is_const(node.input[1]) or len(self.shape(x)) != 2:
+                raise UnsupportedOperator(op, name, "only (batch, features) × constant matrix is supported")
+            self.emit(out, Linear(torch.from_numpy(self.consts[node.input[1]].T.astype(np.float64).copy())), x)
+        elif op == "BatchNormalization":
+            gamma, beta, mean, var = (self.consts[i].astype(np.float64) for i in node.input[1:5])
+            scale = gamma / np.sqrt(var + a.get("epsilon", 1e-5))
+            spatial = len(self.shape(x)) - 2
+            view = (-1,) + (1,) * spatial
+            self.emit(out, Affine(torch.from_numpy(scale.reshape(view)), torch.from_numpy((beta - mean * scale).reshape(view))), x)
+        elif op in ("Add", "Sub", "Mul", "Div"):
+            self.arithmetic(node, op, data, name, out)
+        elif op == "Flatten":
+            if a.get("axis", 1) != 1:
+                raise UnsupportedOperator(op, name, "only Flatten(axis=1) keeps the batch axis")
+            self.emit(out, Reshape((-1,)), x)
+        elif op == "Reshape":
+            self.reshape(node, a, name, out)
+        elif op in ("MaxPool", "AveragePool"):
+            self.pool(node, op, a, name, out)
+        elif op == "GlobalAveragePool":
+            self.emit(out, GlobalAvgPool(), x)
+        elif op == "Concat":
+            axis = a["axis"] % len(self.shape(x))
+            if axis == 0:
+                raise UnsupportedOperator(op, name, "concatenation along the batch axis")
+            self.emit(out, Concat(axis), *node.input)
+        elif op in ("Split", "Slice"):
+            self.view(node, op, a, name)
+        elif op in ("Softmax", "LogSoftmax"):
+            raise UnsupportedOperator(op, name, "certification needs the logits: export the model without its final softmax")
+        else:
+            raise UnsupportedOperator(op, name)
+
+    def conv(self, node, a, out):
+        w = self.consts.get(node.input[1])
+        if w is None or w.ndim != 4:
+            raise UnsupportedOperator("Conv", node.name or out, "only 2-D convolutions with constant weights are supported")
+        b = self.consts[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        if auto not in ("NOTSET", "VALID"):
+            in_h, in_w = self.shape(node.input[0])[2:]
+            pads = []
+            strides, dil, k = a.get("strides", [1, 1]), a.get("dilations", [1, 1]), w.shape[2:]
+            for size, s, d, kk in zip((in_h, in_w), strides, dil, k):
+                total = max(0, (-(-size // s) - 1) * s + (kk - 1) * d + 1 - size)
+                pads.append((total // 2, total - total // 2) if auto == "SAME_UPPER" else (total - total // 2, total // 2))
+            pads = [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
+        top, left, bottom, right = pads
+        self.emit(out, Conv2d(
+            torch.from_numpy(w.astype(np.float64)), None if b is None else torch.from_numpy(b.astype(np.float64)),
+            tuple(a.get("strides", [1, 1])), (top, bottom, left, right), tuple(a.get("dilations", [1, 1])), a.get("group", 1),
+        ), node.input[0])
+
+    def gemm(self, node, a, out):
+        if a.get("transA", 0) or not self.is_const(node.input[1]):
+            raise UnsupportedOperator("Gemm", node.name or out, "only x·Wᵀ + b with constant W is supported")
+        w = self.consts[node.input[1]].astype(np.float64) * a.get("alpha", 1.0)
+        w = w if a.get("transB", 0) else w.T
+        b = self.consts[node.input[2]].astype(np.float64) * a.get("beta", 1.0) if len(node.input) > 2 and node.input[2] else None
+        bias = None if b is None else torch.from_numpy(np.broadcast_to(b, (w.shape[0],)).copy())
+        self.emit(out, Linear(torch.from_numpy(w.copy()), bias), node.input[0])
+
+    def arithmetic(self, node, op, data, name, out):
+        x, y = node.input[0], node.input[1]
+        if len(data) == 2:
+            if op == "Add":
+                return self.emit(out, Add(), x, y)
+            if op == "Sub":
+                neg = out + "/negated"
+                self.emit(neg, Affine(torch.tensor(-1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)), y)
+                return self.emit(out, Add(), x, neg)
+            raise UnsupportedOperator(op, name, "a product or quotient of two tensors has no global Lipschitz bound")
+        tensor_first = not self.is_const(x)
+        t, c = (x, y) if tensor_first else (y, x)
+        const = self.per_sample_constant(self.consts[c], t, name)
+        one, zero = torch.ones_like(const), torch.zeros_like(const)
+        if op == "Add":
+            affine = Affine(one, const)
+        elif op == "Sub":
+            affine = Affine(one, -const) if tensor_first else Affine(-one, const)
+        elif op == "Mul":
+            affine = Affine(const, zero)
+        elif tensor_first:  # Div by a constant
+            affine = Affine(1.0 / const, zero)
+        else:
+            raise UnsupportedOperator(op, name, "dividing a constant by a tensor is not Lipschitz")
+        self.emit(out, affine, t)
+
+    def reshape(self, node, a, name, out):
+        if not self.is_const(node.input[1]):
+            raise UnsupportedOperator("Reshape", name, "its target shape is not a constant")
+        dims = [int(d) for d in self.consts[node.input[1]]]
+        source = self.shape(node.input[0])
+        if not a.get("allowzero", 0):
+            dims = [source[i] if d == 0 else d for i, d in enumerate(dims)]
+        try:
+            target = tuple(self.values[node.input[0]].reshape(dims).shape)
+        except RuntimeError:
+            raise GlorocertError(f"Reshape {name!r}: cannot reshape {source[1:]} to {dims[1:]}") from None
+        if target[0] != TRACE_BATCH:
+            raise UnsupportedOperator("Reshape", name, "it mixes samples of the batch (is the batch size fixed in the export?)")
+        self.emit(out, Reshape(target[1:]), node.input[0])
+
+    def pool(self, node, op, a, name, out):
+        k = tuple(a["kernel_shape"])
+        if len(k) != 2:
+            raise UnsupportedOperator(op, name, "only 2-D pooling is supported")
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        auto = a.get("auto_pad", b"NOTSET")
+        if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
+            raise UnsupportedOperator(op, name, "auto_pad SAME is not supported; export with explicit pads")
+        if pads[0] != pads[2] or pads[1] != pads[3]:
+            raise UnsupportedOperator(op, name, "asymmetric pooling pads")
+        stride = tuple(a.get("strides", [1, 1]))
+        ceil = bool(a.get("ceil_mode", 0))
+        if op == "MaxPool":
+            if len(node.output) > 1 and node.output[1]:
+                raise UnsupportedOperator(op, name, "MaxPool with indices output")
+            self.emit(out, MaxPool(k, stride, (pads[0], pads[1]), tuple(a.get("dilations", [1, 1])), ceil), node.input[0])
+        else:
+            self.emit(out, AvgPool(k, stride, (pads[0], pads[1]), ceil, bool(a.get("count_include_pad", 0))), node.input[0])
+
+    def view(self, node, op, a, name):
+        src = node.input[0]
+        rank = len(self.shape(src))
+        if op == "Split":
+            axis = a.get("axis", 0) % rank
+            size = self.shape(node.input[0])[axis]
+            if len(node.input) > 1 and node.input[1]:
+                sizes = [int(s) for s in self.consts[node.input[1]]]
+            elif "split" in a:
+                sizes = list(a["split"])
+            else:
+                n = len(node.output)
+                sizes = [-(-size // n)] * (n - 1) + [size - (-(-size // n)) * (n - 1)]
+            start = 0
+            for o, s in zip(node.output, sizes):
+                self.views[o] = (src, axis, start, start + s, size)
+                start += s
+        else:
+            starts, ends = (self.consts[i].astype(np.int64) for i in node.input[1:3])
+            axes = self.consts[node.input[3]] if len(node.input) > 3 and node.input[3] else np.arange(len(starts))
+            steps = self.consts[node.input[4]] if len(node.input) > 4 and node.input[4] else np.ones_like(starts)
+            if len(starts) != 1 or int(steps[0]) != 1:
+                raise UnsupportedOperator(op, name, "only a contiguous slice along one axis (as part of MinMax)")
+            axis = int(axes[0]) % rank
+            size = self.shape(node.input[0])[axis]
+            lo, hi = (int(np.clip(v if v >= 0 else v + size, 0, size)) for v in (starts[0], ends[0]))
+            self.views[node.output[0]] = (src, axis, lo, hi, size)
+        self.rank[src] = rank
+        if axis == 0:
+            raise UnsupportedOperator(op, name, "splitting the batch axis")
+
+
+def validate_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> None:
+    """ONNX's own shape inference in strict mode: declared shapes that contradict the graph are refused."""
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as e:
+        raise GlorocertError(f"the ONNX graph's declared shapes contradict its operators: {str(e).splitlines()[0][:300]}") from None
+
+
+def onnx_to_graph(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> Graph:
+    return _Converter(model, input_shape).convert()

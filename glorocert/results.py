@@ -1,0 +1,308 @@
+"""Per-sample rows, summaries, tables and plots — written so a crash never leaves half a file.
+
+Every writer goes through :func:`atomic_write`: the data is written to a
+temporary file in the target's directory and moved over the target with
+``os.replace`` only once complete, so after an exception, a crash or Ctrl-C
+the target either holds the previous complete file or does not exist.
+
+Radii are written at full float64 precision (shortest round-trip ``repr``
+in CSV/JSONL, float64 in Parquet): a radius must never be rounded up on its
+way to disk, or a reloaded certificate would claim more than was proven.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from glorocert.errors import GlorocertError
+
+__all__ = [
+    "ROW_FORMATS",
+    "atomic_write",
+    "certified_accuracy_curve",
+    "eps_key",
+    "plot_curves",
+    "read_rows",
+    "summarize",
+    "summary_table",
+    "write_json",
+    "write_rows",
+]
+
+ROW_FORMATS = (".csv", ".jsonl", ".parquet")
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+SCHEMA_METADATA_KEY = b"glorocert.schema_version"
+
+
+def eps_key(eps: float) -> str:
+    """Stable text for an eps/radius value (``0.3`` → ``"0.3"``, also from float32), used in column and summary keys."""
+    return format(float(eps), "g")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it over ``path`` only if the block completes.
+
+    On any exception (including KeyboardInterrupt) the temporary file is
+    removed and the exception re-raised, so ``path`` is never half-written.
+    Missing parent directories are created.
+    """
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp{target.suffix}")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies, unlike mkstemp's 0600
+    except OSError as e:
+        raise GlorocertError(f"cannot write {target}: {e.strerror or e}; choose a writable location") from e
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data is on disk before the rename makes it visible
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise GlorocertError(f"cannot write {target}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def write_rows(path: str | os.PathLike, columns: Mapping[str, np.ndarray], schema_version: str) -> None:
+    """Write one row per sample as CSV, JSONL or Parquet (by extension), atomically, in column order.
+
+    Parquet stores ``schema_version`` in the file metadata
+    (``glorocert.schema_version``); CSV and JSONL stay plain tables that any
+    tool reads (NaN/inf appear as Python writes them: ``nan``/``inf`` in CSV,
+    ``NaN``/``Infinity`` in JSONL).
+    """
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix not in ROW_FORMATS:
+        raise GlorocertError(f"{target}: unknown results format {suffix or '(no extension)'}; use one of {', '.join(ROW_FORMATS)}")
+    arrays = {name: np.asarray(values) for name, values in columns.items()}
+    lengths = {len(a) for a in arrays.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"columns have different lengths: { {n: len(a) for n, a in arrays.items()} }")
+    with atomic_write(target) as tmp:
+        if suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.table({name: pa.array(a) for name, a in arrays.items()})
+            table = table.replace_schema_metadata({SCHEMA_METADATA_KEY: str(schema_version).encode()})
+            pq.write_table(table, tmp)
+            return
+        lists = [_python_values(a) for a in arrays.values()]
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            if suffix == ".csv":
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerow(arrays)
+                writer.writerows(zip(*lists))  # str(float) is the shortest exact repr
+            else:
+                names = list(arrays)
+                for row in zip(*lists):
+                    f.write(json.dumps(dict(zip(names, row))) + "\n")
+
+
+def _python_values(a: np.ndarray) -> list:
+    """Python scalars; float32 is widened to float64 first (exact) so its repr is the stored value."""
+    return (a.astype(np.float64) if a.dtype.kind == "f" else a).tolist()
+
+
+def read_rows(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a file written by :func:`write_rows` back into columns (bool, int64, float64 or str)."""
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix not in ROW_FORMATS:
+        raise GlorocertError(f"{target}: unknown results format {suffix or '(no extension)'}; use one of {', '.join(ROW_FORMATS)}")
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(target)
+            return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        if suffix == ".csv":
+            with open(target, newline="", encoding="utf-8") as f:
+                reader = csv.reader(f)
+                header = next(reader, None)
+                if header is None:
+                    raise GlorocertError(f"{target} is empty; expected a header row")
+                cells = list(zip(*reader)) or [()] * len(header)
+            return {name: _parse_column(values) for name, values in zip(header, cells)}
+        with open(target, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        names = list(records[0]) if records else []
+        return {name: _typed([r.get(name) for r in records]) for name in names}
+    except (OSError, ValueError) as e:
+        raise GlorocertError(f"cannot read results {target}: {e}") from e
+
+
+def _parse_column(texts: Sequence[str]) -> np.ndarray:
+    """Type a CSV column: bool if all true/false, else int64, else float64, else str."""
+    if texts and all(t.lower() in ("true", "false") for t in texts):
+        return np.array([t.lower() == "true" for t in texts], dtype=bool)
+    for kind in (int, float):
+        try:
+            return np.array([kind(t) for t in texts], dtype=np.int64 if kind is int else np.float64)
+        except (ValueError, OverflowError):
+            pass
+    return np.array(texts, dtype=str)
+
+
+def _typed(values: list) -> np.ndarray:
+    if values and all(isinstance(v, bool) for v in values):
+        return np.array(values, dtype=bool)
+    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return np.array(values, dtype=np.int64)
+    if all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
+        return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+    return np.array(values, dtype=object)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically; numpy scalars/arrays and paths become plain JSON."""
+    text = json.dumps(_jsonable(obj), indent=2) + "\n"
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {(k if isinstance(k, str) else str(_jsonable(k))): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def certified_accuracy_curve(radius: np.ndarray, correct: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fraction of samples that are correct with certified radius *strictly* above each grid radius.
+
+    Strict, because a tie between a radius and eps is decided against
+    certification (a point exactly on the ball's boundary is not proven).
+    """
+    grid = np.asarray(grid, dtype=np.float64)
+    radius, correct = np.asarray(radius, dtype=np.float64), np.asarray(correct, dtype=bool)
+    if len(radius) == 0:
+        return grid, np.zeros_like(grid)
+    good = np.sort(radius[correct])
+    above = len(good) - np.searchsorted(good, grid, side="right")
+    return grid, above / len(radius)
+
+
+def summarize(columns: Mapping[str, np.ndarray], eps: Sequence[float], radius_grid: Sequence[float] | None = None) -> dict:
+    """Clean accuracy, VRA and ⊥ rate per eps, average certified radius and the certified-accuracy curve.
+
+    Samples with an unknown label (``label == -1``) count as "correct" for
+    VRA, the average radius and the curve, so that unlabelled data reports
+    the fraction of predictions that are certified; ``clean_accuracy`` is
+    over labelled samples only, and None when there are none.
+    """
+    predicted = np.asarray(columns["predicted"])
+    n = len(predicted)
+    label = np.asarray(columns["label"]) if "label" in columns else np.full(n, -1, dtype=np.int64)
+    radius = np.asarray(columns["radius"], dtype=np.float64)
+    known = label >= 0
+    correct = known & (predicted == label)
+    counts = correct | ~known
+    keys = [eps_key(e) for e in eps]
+    if len(set(keys)) != len(keys):
+        raise GlorocertError(f"eps values {list(eps)} are not distinct at 6 significant digits; drop the near-duplicates")
+    vra, bottom_rate = {}, {}
+    for key in keys:
+        bottom = np.asarray(columns[f"bottom@{key}"], dtype=bool)
+        certified = np.asarray(columns[f"certified@{key}"], dtype=bool) if f"certified@{key}" in columns else counts & ~bottom
+        vra[key] = _mean(certified)
+        bottom_rate[key] = _mean(bottom)
+    if radius_grid is None:
+        finite = radius[np.isfinite(radius)]
+        top = float(finite.max()) if len(finite) else 0.0
+        radius_grid = np.linspace(0.0, top, 21) if top > 0 else np.zeros(1)
+    grid, accuracy = certified_accuracy_curve(radius, counts, np.asarray(radius_grid, dtype=np.float64))
+    return {
+        "num_samples": n,
+        "clean_accuracy": float(correct.sum() / known.sum()) if known.any() else None,
+        "vra": vra,
+        "bottom_rate": bottom_rate,
+        "average_certified_radius": float(np.where(counts, radius, 0.0).mean()) if n else None,
+        "certified_accuracy": [{"radius": float(r), "accuracy": float(a)} for r, a in zip(grid, accuracy)],
+    }
+
+
+def _mean(flags: np.ndarray) -> float | None:
+    return float(flags.mean()) if len(flags) else None
+
+
+def summary_table(summary: Mapping[str, Any], title: str):
+    """A rich table of the headline numbers (an estimate-mode bound is flagged, never hidden)."""
+    from rich.table import Table
+
+    def percent(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.2f}%"
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    mode = summary.get("bound_mode")
+    if mode is not None:
+        table.add_row("bound", "[bold red]ESTIMATE (not a sound bound)[/]" if mode == "estimate" else str(mode))
+    table.add_row("samples", str(summary.get("num_samples", "n/a")))
+    table.add_row("clean accuracy", percent(summary.get("clean_accuracy")))
+    for key, value in summary.get("vra", {}).items():
+        table.add_row(f"VRA @ ε={key}", percent(value))
+    for key, value in summary.get("bottom_rate", {}).items():
+        table.add_row(f"⊥ rate @ ε={key}", percent(value))
+    acr = summary.get("average_certified_radius")
+    table.add_row("average certified radius", "n/a" if acr is None else f"{acr:.4f}")
+    return table
+
+
+def plot_curves(
+    path: str | os.PathLike,
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    title: str,
+    xlabel: str = "l2 radius (input in [0,1])",
+) -> None:
+    """Certified accuracy against radius, one line per method, written atomically as PNG/SVG/PDF."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix not in PLOT_FORMATS:
+        raise GlorocertError(f"{target}: unknown plot format {suffix or '(no extension)'}; use one of {', '.join(PLOT_FORMATS)}")
+    figure = Figure(figsize=(6, 4), layout="constrained")  # no pyplot: no global state, no GUI backend
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name, (grid, accuracy) in curves.items():
+        axes.plot(grid, accuracy, label=name)
+    axes.set(title=title, xlabel=xlabel, ylabel="certified accuracy", ylim=(0, 1))
+    axes.grid(alpha=0.3)
+    if curves:
+        axes.legend()
+    with atomic_write(target) as tmp:
+        figure.savefig(tmp, format=suffix[1:])

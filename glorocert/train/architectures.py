@@ -1,0 +1,246 @@
+"""The GloRo paper's architectures, MinMax activations, and glorocert's own checkpoint format.
+
+Architectures (Leino et al. 2021, Appendix B; layer sizes as in the reference
+scripts, which use ``padding='same'`` everywhere — here symmetric padding 1,
+identical to TF ``'same'`` on even spatial sizes such as 28 and 32):
+
+=====  ===================================================================
+2C2F   conv16 k4 s2 → conv32 k4 s2 → FC100 → FC C
+4C3F   conv32 k3 → conv32 k4 s2 → conv64 k3 → conv64 k4 s2 → FC512 → FC512 → FC C
+6C2F   conv32 k3 ×2 → conv32 k4 s2 → conv64 k3 ×2 → conv64 k4 s2 → FC512 → FC C
+8C2F   conv64 k3 ×2 → conv64 k4 s2 → conv128 k3 ×2 → conv128 k4 s2 →
+       conv256 k3 → conv256 k4 s2 → FC256 → FC C
+=====  ===================================================================
+
+Every conv / hidden FC is followed by the activation (ReLU or MinMax); the
+last FC produces the logits. Weights are initialised orthogonally, biases to
+zero. The model is a plain ``nn.Sequential`` of ``Conv2d``, ``Linear``,
+``ReLU`` / :class:`MinMax` and ``Flatten`` so that both of glorocert's front
+ends (TorchScript / ONNX) see only operators the IR knows.
+
+A *spec* is the JSON-serialisable description of a model::
+
+    {"arch": "2c2f", "activation": "relu", "minmax_pairing": "halves",
+     "input_shape": [1, 28, 28], "num_classes": 10}
+
+:func:`build` turns a spec into a module; :func:`save_checkpoint` /
+:func:`load_checkpoint` store weights *and* spec in one safetensors file (no
+pickle anywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from glorocert.errors import GlorocertError
+
+ARCHITECTURES = ("2c2f", "4c3f", "6c2f", "8c2f")
+ACTIVATIONS = ("relu", "minmax")
+MINMAX_PAIRINGS = ("halves", "adjacent")
+CHECKPOINT_FORMAT = "1"
+
+# (out_channels, kernel, stride) per conv, then hidden FC widths.
+_LAYOUTS: dict[str, tuple[list[tuple[int, int, int]], list[int]]] = {
+    "2c2f": ([(16, 4, 2), (32, 4, 2)], [100]),
+    "4c3f": ([(32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 4, 2)], [512, 512]),
+    "6c2f": (
+        [(32, 3, 1), (32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 3, 1), (64, 4, 2)],
+        [512],
+    ),
+    "8c2f": (
+        [
+            (64, 3, 1), (64, 3, 1), (64, 4, 2),
+            (128, 3, 1), (128, 3, 1), (128, 4, 2),
+            (256, 3, 1), (256, 4, 2),
+        ],
+        [256],
+    ),
+}
+
+
+class MinMax(nn.Module):
+    """MinMax (GroupSort with groups of 2): sorts pairs of units; 1-Lipschitz in l2.
+
+    Two conventions exist and both are supported exactly:
+
+    * ``pairing="halves"`` (LiResNet / PyTorch convention): channel ``c`` is
+      paired with ``c + C/2`` along dim 1, output ``cat([max, min], dim=1)``.
+    * ``pairing="adjacent"`` (TF gloro convention): flattened elements
+      ``(2k, 2k+1)`` of each sample are paired, output ``[min, max]`` per pair.
+
+    Both are written with plain tensor ops (Split/Max/Min/Concat, or
+    Reshape/Slice/Min/Max/Concat/Reshape in ONNX) so the ONNX loader can
+    recognise the exported pattern.
+    """
+
+    def __init__(self, pairing: str = "halves"):
+        super().__init__()
+        if pairing not in MINMAX_PAIRINGS:
+            raise GlorocertError(
+                f"unknown MinMax pairing {pairing!r}; valid: {', '.join(MINMAX_PAIRINGS)}"
+            )
+        self.pairing = pairing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pairing == "halves":
+            a, b = x.chunk(2, 1)
+            return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], 1)
+        shape = x.shape
+        p = x.reshape(shape[0], -1, 2)
+        lo = torch.minimum(p[..., 0:1], p[..., 1:2])
+        hi = torch.maximum(p[..., 0:1], p[..., 1:2])
+        return torch.cat([lo, hi], -1).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"pairing={self.pairing!r}"
+
+
+def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Check a spec and return a normalised copy (lower-case names, defaults filled in)."""
+    if not isinstance(spec, dict):
+        raise GlorocertError(f"model spec must be a JSON object, got {type(spec).__name__}")
+    try:
+        arch = str(spec["arch"]).lower()
+        activation = str(spec.get("activation", "relu")).lower()
+        pairing = str(spec.get("minmax_pairing", "halves")).lower()
+        input_shape = [int(v) for v in spec["input_shape"]]
+        num_classes = int(spec["num_classes"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GlorocertError(f"invalid model spec {spec!r}: {exc}") from None
+    if arch not in ARCHITECTURES:
+        raise GlorocertError(f"unknown architecture {arch!r}; valid: {', '.join(ARCHITECTURES)}")
+    if activation not in ACTIVATIONS:
+        raise GlorocertError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+    if pairing not in MINMAX_PAIRINGS:
+        raise GlorocertError(
+            f"unknown MinMax pairing {pairing!r}; valid: {', '.join(MINMAX_PAIRINGS)}"
+        )
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise GlorocertError(f"input_shape must be [channels, height, width], got {input_shape}")
+    if num_classes < 2:
+        raise GlorocertError(f"num_classes must be at least 2, got {num_classes}")
+    return {
+        "arch": arch,
+        "activation": activation,
+        "minmax_pairing": pairing,
+        "input_shape": input_shape,
+        "num_classes": num_classes,
+    }
+
+
+def _activation(spec: dict[str, Any]) -> nn.Module:
+    return nn.ReLU() if spec["activation"] == "relu" else MinMax(spec["minmax_pairing"])
+
+
+def build(spec: dict[str, Any]) -> nn.Sequential:
+    """Build the network described by ``spec`` with orthogonal initialisation (uses torch's RNG)."""
+    spec = validate_spec(spec)
+    convs, hidden = _LAYOUTS[spec["arch"]]
+    channels, height, width = spec["input_shape"]
+    layers: list[nn.Module] = []
+    for out_channels, kernel, stride in convs:
+        padding = 1  # 'same' for k3 s1; TF 'same' for k4 s2 on even sizes
+        layers += [nn.Conv2d(channels, out_channels, kernel, stride, padding), _activation(spec)]
+        channels = out_channels
+        height = (height + 2 * padding - kernel) // stride + 1
+        width = (width + 2 * padding - kernel) // stride + 1
+        if height < 1 or width < 1:
+            raise GlorocertError(
+                f"input shape {spec['input_shape']} is too small for {spec['arch'].upper()}"
+            )
+    layers.append(nn.Flatten())
+    features = channels * height * width
+    for units in hidden:
+        layers += [nn.Linear(features, units), _activation(spec)]
+        features = units
+    layers.append(nn.Linear(features, spec["num_classes"]))
+    model = nn.Sequential(*layers)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.orthogonal_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: nn.Module, spec: dict[str, Any], extra: dict | None = None
+) -> Path:
+    """Write weights and spec to ONE safetensors file, atomically.
+
+    The header metadata holds ``glorocert_format`` (``"1"``), ``glorocert_spec``
+    (the JSON spec) and every ``extra`` item as a string (non-strings are
+    JSON-encoded).
+    """
+    from safetensors.torch import save_file
+
+    spec = validate_spec(spec)
+    metadata = {"glorocert_format": CHECKPOINT_FORMAT, "glorocert_spec": json.dumps(spec)}
+    for key, value in (extra or {}).items():
+        metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Header metadata of a glorocert checkpoint (GlorocertError if it is not one)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except FileNotFoundError:
+        raise GlorocertError(f"checkpoint not found: {path}") from None
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise GlorocertError(f"cannot read checkpoint {path}: not a valid safetensors file ({exc})") from None
+    if "glorocert_spec" not in metadata or "glorocert_format" not in metadata:
+        raise GlorocertError(
+            f"{path} is a safetensors file but not a glorocert checkpoint "
+            "(no glorocert_spec / glorocert_format metadata)"
+        )
+    if metadata["glorocert_format"] != CHECKPOINT_FORMAT:
+        raise GlorocertError(
+            f"{path}: unsupported glorocert checkpoint format {metadata['glorocert_format']!r} "
+            f"(this version reads {CHECKPOINT_FORMAT!r})"
+        )
+    return metadata
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Load a glorocert checkpoint: returns ``(model in eval mode, spec)``.
+
+    Raises :class:`GlorocertError` for a missing or corrupt file, missing
+    metadata, an invalid spec, or weights that do not fit the spec.
+    """
+    from safetensors.torch import load_file
+
+    metadata = read_checkpoint_metadata(path)
+    try:
+        spec = json.loads(metadata["glorocert_spec"])
+    except json.JSONDecodeError as exc:
+        raise GlorocertError(f"{path}: glorocert_spec metadata is not valid JSON ({exc})") from None
+    spec = validate_spec(spec)
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise GlorocertError(f"cannot read checkpoint {path}: {exc}") from None
+    model = build(spec)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise GlorocertError(f"{path}: weights do not match the spec {spec}: {first}") from None
+    for name, tensor in model.state_dict().items():
+        if not torch.isfinite(tensor).all():
+            raise GlorocertError(f"{path}: tensor {name!r} contains NaN or inf")
+    model.eval()
+    return model, spec

@@ -1,0 +1,95 @@
+"""GloRo losses (Leino et al. 2021, §2.2 and §4.1) and the certification rule they train for.
+
+Notation: ``y = f(x)`` are the C logits, ``j = argmax y`` the predicted class
+(the first index on a tie), ``K[j, i]`` a Lipschitz constant of the margin
+``y_j − y_i``. The GloRo net appends the ⊥ logit
+
+    y_⊥ = max_{i≠j} ( y_i + ε · K[j, i] )
+
+and predicts ⊥ whenever ``y_⊥ ≥ y_j``: then some class *might* overtake ``j``
+inside the ε-ball. If ``y_⊥ < y_j`` and ``K`` bounds the true margin
+constants, no input within l2 distance ε changes the prediction (Theorem 1,
+tighter variant of Appendix A.2). A tie in the top logits is always ⊥
+(``y_⊥ ≥ y_i + 0 = y_j``), and so is a tie between ``y_⊥`` and ``y_j``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from glorocert.errors import GlorocertError
+
+LOSSES = ("ce", "gloro", "trades")
+
+
+def bottom_logit(logits: torch.Tensor, margin_lipschitz: torch.Tensor, eps: float) -> torch.Tensor:
+    """The ⊥ logit ``max_{i≠j}(y_i + ε K[j, i])`` with ``j`` the first argmax (shape ``(N,)``)."""
+    predicted = logits.argmax(dim=1)
+    rows = margin_lipschitz[predicted]  # (N, C): K[j, :]
+    candidates = logits + eps * rows
+    own = F.one_hot(predicted, logits.shape[1]).bool()
+    return candidates.masked_fill(own, float("-inf")).amax(dim=1)
+
+
+def gloro_logits(logits: torch.Tensor, margin_lipschitz: torch.Tensor, eps: float) -> torch.Tensor:
+    """``f̄^ε(x)``: the C logits followed by the ⊥ logit, shape ``(N, C + 1)``."""
+    return torch.cat([logits, bottom_logit(logits, margin_lipschitz, eps)[:, None]], dim=1)
+
+
+def certify_predictions(
+    logits: torch.Tensor, margin_lipschitz: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(predicted class, bottom flag)``: bottom when ``y_⊥ ≥ y_j`` (ties are not certified).
+
+    Sound only when ``margin_lipschitz`` is an upper bound (the frozen bound);
+    with the training-time estimates it is an estimate of the VRA.
+    """
+    predicted = logits.argmax(dim=1)
+    top = logits.gather(1, predicted[:, None])[:, 0]
+    return predicted, bottom_logit(logits, margin_lipschitz, eps) >= top
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain cross-entropy (standard-training baseline)."""
+    return F.cross_entropy(logits, labels)
+
+
+def gloro_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, margin_lipschitz: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Cross-entropy of the GloRo net: labels extended by a ⊥ class that is never the true one.
+
+    Penalises a sample unless it is both predicted correctly and certified.
+    """
+    return F.cross_entropy(gloro_logits(logits, margin_lipschitz, eps), labels)
+
+
+def gloro_trades(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    margin_lipschitz: torch.Tensor,
+    eps: float,
+    lam: float,
+) -> torch.Tensor:
+    """GloRo-TRADES (Definition 3): ``CE(f(x), y) + λ · KL(f(x) ‖ f̄^ε(x))``.
+
+    The paper writes the divergence between the softmaxes of ``f̄`` and ``f``;
+    as in the authors' code, the clean distribution ``softmax(f(x))`` padded
+    with probability 0 for ⊥ is the reference ("the model's own prediction
+    as ground truth") and ``softmax(f̄^ε(x))`` over C + 1 classes is compared
+    to it: ``Σ_{i<C} p_i (log p_i − log q_i)`` — the only finite direction,
+    since ``f`` gives ⊥ probability 0. Gradients flow through both sides.
+    """
+    clean = F.cross_entropy(logits, labels)
+    log_p = F.log_softmax(logits, dim=1)
+    log_q = F.log_softmax(gloro_logits(logits, margin_lipschitz, eps), dim=1)[:, :-1]
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+    return clean + lam * kl
+
+
+def parse_loss(name: str) -> str:
+    """Validate a loss name (exact match)."""
+    if name not in LOSSES:
+        raise GlorocertError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
+    return name

@@ -1,0 +1,190 @@
+"""Persistent power iteration for the layers of a GloRo net during training.
+
+Each ``Conv2d`` / ``Linear`` layer keeps a unit-norm iterate ``x`` (shaped
+like the layer's input, batch 1) as a buffer that survives across training
+steps, exactly as the GloRo paper prescribes: a few iterations
+``x ← WᵀW x / ‖WᵀW x‖`` per step are enough because the weights move slowly.
+For a convolution ``W x`` is ``conv2d`` and ``Wᵀ y`` is ``conv_transpose2d``
+with the ``output_padding`` that restores the input shape; the bias is not
+part of the linear operator and is ignored.
+
+The normalisation divides by the plain norm — no epsilon is added to it (an
+epsilon there made the reference implementation's constant too small for
+small weights).
+
+**What this is and is not.** ``‖W x‖`` for a unit ``x`` is a *lower*
+estimate of the spectral norm ``σ_max(W)``; power iteration approaches it
+from below. These estimates drive the training loss and the per-epoch
+metrics only. The frozen, *guaranteed* bound used to certify a shipped model
+is computed after training by :mod:`glorocert.lipschitz`, never from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glorocert.errors import GlorocertError
+from glorocert.train.architectures import MinMax
+
+_ONE_LIPSCHITZ = (nn.ReLU, MinMax, nn.Flatten, nn.Identity)
+
+
+@dataclass
+class ConvergenceReport:
+    """How :meth:`PowerIteration.converge` ended, per layer."""
+
+    iterations: list[int]
+    converged: list[bool]
+    estimates: list[float]
+
+
+class PowerIteration(nn.Module):
+    """Persistent power-iteration iterates for every linear operator of a Sequential net.
+
+    Only ``Conv2d``, ``Linear`` and 1-Lipschitz activations (ReLU, MinMax),
+    ``Flatten`` are accepted; anything else is refused rather than assumed
+    1-Lipschitz. The last module must be the ``Linear`` producing the logits.
+    """
+
+    def __init__(self, model: nn.Sequential, input_shape: tuple[int, ...] | list[int], seed: int = 0):
+        super().__init__()
+        if not isinstance(model, nn.Sequential) or len(model) == 0:
+            raise GlorocertError("power iteration needs a non-empty nn.Sequential model")
+        for index, module in enumerate(model):
+            if not isinstance(module, (nn.Conv2d, nn.Linear) + _ONE_LIPSCHITZ):
+                raise GlorocertError(
+                    f"layer {index} ({type(module).__name__}) has no known Lipschitz constant; "
+                    "the trainer supports Conv2d, Linear, ReLU, MinMax and Flatten"
+                )
+            if isinstance(module, nn.Conv2d) and (module.dilation != (1, 1) or module.groups != 1
+                                                  or module.padding_mode != "zeros"):
+                raise GlorocertError(f"layer {index}: only ungrouped, undilated, zero-padded convs")
+        if not isinstance(model[-1], nn.Linear):
+            raise GlorocertError("the last layer must be the Linear layer producing the logits")
+        self.model = [model]  # a list, so the model's parameters are not registered twice
+        self.layer_indices: list[int] = []
+        self.input_shapes: dict[int, tuple[int, ...]] = {}
+        generator = torch.Generator().manual_seed(int(seed))
+        x = torch.zeros(1, *input_shape)
+        with torch.no_grad():
+            for index, module in enumerate(model):
+                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                    self.layer_indices.append(index)
+                    self.input_shapes[index] = tuple(x.shape)
+                    iterate = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+                    self.register_buffer(f"iterate_{index}", iterate / iterate.norm())
+                x = module(x)
+
+    # -- the linear operators -------------------------------------------------
+    def _module(self, index: int) -> nn.Module:
+        return self.model[0][index]
+
+    def iterate(self, index: int) -> torch.Tensor:
+        return getattr(self, f"iterate_{index}")
+
+    def _forward_operator(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        module = self._module(index)
+        if isinstance(module, nn.Linear):
+            return F.linear(x, module.weight)
+        return F.conv2d(x, module.weight, None, module.stride, module.padding)
+
+    def _transpose_operator(self, index: int, y: torch.Tensor) -> torch.Tensor:
+        module = self._module(index)
+        if isinstance(module, nn.Linear):
+            return F.linear(y, module.weight.t())
+        _, _, height, width = self.input_shapes[index]
+        kh, kw = module.kernel_size
+        sh, sw = module.stride
+        ph, pw = module.padding
+        out_h = (y.shape[2] - 1) * sh - 2 * ph + kh
+        out_w = (y.shape[3] - 1) * sw - 2 * pw + kw
+        output_padding = (height - out_h, width - out_w)
+        return F.conv_transpose2d(y, module.weight, None, module.stride, module.padding, output_padding)
+
+    # -- iterating ------------------------------------------------------------
+    @torch.no_grad()
+    def _iterate_once(self, index: int) -> None:
+        x = self.iterate(index)
+        v = self._transpose_operator(index, self._forward_operator(index, x))
+        norm = v.norm()
+        if norm > 0 and torch.isfinite(norm):
+            x.copy_(v / norm)  # plain norm: no epsilon (see module docstring)
+        # else: W x = 0 for this x (e.g. W = 0); keep x — the estimate is then 0.
+
+    @torch.no_grad()
+    def step(self, iterations: int = 1) -> None:
+        """Advance every layer's iterate by ``iterations`` power-iteration steps."""
+        for _ in range(int(iterations)):
+            for index in self.layer_indices:
+                self._iterate_once(index)
+
+    def layer_estimates(self) -> torch.Tensor:
+        """Differentiable estimates ``‖W x‖`` per layer (gradient flows through W, not x).
+
+        A lower estimate of each spectral norm; see the module docstring.
+        """
+        values = []
+        for index in self.layer_indices:
+            x = self.iterate(index).detach()
+            values.append(self._forward_operator(index, x).norm())
+        return torch.stack(values)
+
+    @torch.no_grad()
+    def converge(self, tol: float = 1e-6, max_iterations: int = 10_000) -> ConvergenceReport:
+        """Iterate each layer until the relative change of its estimate is below ``tol``.
+
+        Stops at ``max_iterations`` per layer (reported as not converged).
+        """
+        iterations, converged, estimates = [], [], []
+        for index in self.layer_indices:
+            previous = self._forward_operator(index, self.iterate(index)).norm().item()
+            done, count, current = False, 0, previous
+            while count < max_iterations:
+                self._iterate_once(index)
+                count += 1
+                current = self._forward_operator(index, self.iterate(index)).norm().item()
+                if abs(current - previous) <= tol * max(abs(current), 1e-300):
+                    done = True
+                    break
+                previous = current
+            iterations.append(count)
+            converged.append(done)
+            estimates.append(current)
+        return ConvergenceReport(iterations, converged, estimates)
+
+    # -- what the loss needs --------------------------------------------------
+    def margin_lipschitz(self) -> torch.Tensor:
+        """Estimated margin matrix ``K[j, i]`` ≈ Lipschitz constant of ``y_j − y_i`` (C×C, differentiable).
+
+        ``K[j, i] = ‖W_last[j] − W_last[i]‖₂ · ∏ (earlier layers' estimates)``;
+        the diagonal is 0. The last layer's bias does not matter. An estimate,
+        not a bound: see the module docstring.
+        """
+        estimates = self.layer_estimates()
+        penultimate = torch.prod(estimates[:-1]) if len(estimates) > 1 else estimates.new_ones(())
+        weight = self._module(self.layer_indices[-1]).weight
+        diff = weight[:, None, :] - weight[None, :, :]
+        eye = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        # sqrt(sum + eye) keeps the gradient finite on the (masked-out) diagonal only.
+        row_distance = torch.sqrt((diff * diff).sum(-1) + eye) * (1 - eye)
+        return row_distance * penultimate
+
+    def lipschitz_estimate(self) -> float:
+        """Product of the per-layer estimates: an estimate of the whole network's constant."""
+        with torch.no_grad():
+            return float(torch.prod(self.layer_estimates()).item())
+
+    def iterate_state(self) -> dict[str, torch.Tensor]:
+        """The iterates, for checkpointing (``iterate_<layer index>`` → tensor)."""
+        return {f"iterate_{i}": self.iterate(i).detach().clone() for i in self.layer_indices}
+
+    def load_iterate_state(self, state: dict[str, torch.Tensor]) -> None:
+        for index in self.layer_indices:
+            key = f"iterate_{index}"
+            if key not in state or tuple(state[key].shape) != tuple(self.iterate(index).shape):
+                raise GlorocertError(f"power-iteration state is missing or has the wrong shape: {key}")
+            self.iterate(index).copy_(state[key])

@@ -1,0 +1,458 @@
+"""glorocert.train: architectures, MinMax, power iteration, losses, schedules, loop, exports.
+
+Small, seeded, CPU-only; each test takes seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glorocert.errors import GlorocertError
+from glorocert.train import losses
+from glorocert.train.architectures import (
+    ARCHITECTURES,
+    MinMax,
+    build,
+    load_checkpoint,
+    save_checkpoint,
+)
+from glorocert.train.export import export_gloro_onnx, export_onnx
+from glorocert.train.loop import TrainConfig, evaluate, train
+from glorocert.train.power import PowerIteration
+from glorocert.train.schedules import LAMBDA_SCHEDULES, LR_SCHEDULES, RAMP_SCHEDULES, parse_schedule
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """sklearn's 8×8 digits in [0, 1]: 512 train / 256 held-out samples."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images / 16.0, dtype=torch.float32)[:, None]
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    return x[:512], y[:512], x[512:768], y[512:768]
+
+
+def spec(arch="2c2f", activation="relu", pairing="halves", shape=(1, 28, 28), classes=10):
+    return {"arch": arch, "activation": activation, "minmax_pairing": pairing,
+            "input_shape": list(shape), "num_classes": classes}
+
+
+def explicit_matrix(operator, input_shape) -> torch.Tensor:
+    """The matrix of a linear operator, column by column from the standard basis."""
+    size = int(np.prod(input_shape))
+    basis = torch.eye(size, dtype=torch.float64).reshape(size, *input_shape)
+    return operator(basis).reshape(size, -1).T
+
+
+# -- MinMax and architectures ------------------------------------------------
+
+def minmax_reference(x: np.ndarray, pairing: str) -> np.ndarray:
+    if pairing == "halves":
+        half = x.shape[1] // 2
+        a, b = x[:, :half], x[:, half:]
+        return np.concatenate([np.maximum(a, b), np.minimum(a, b)], axis=1)
+    flat = x.reshape(x.shape[0], -1)
+    out = np.empty_like(flat)
+    for k in range(flat.shape[1] // 2):
+        pair = flat[:, 2 * k:2 * k + 2]
+        out[:, 2 * k] = pair.min(axis=1)
+        out[:, 2 * k + 1] = pair.max(axis=1)
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("pairing", ["halves", "adjacent"])
+@pytest.mark.parametrize("shape", [(3, 6), (2, 4, 3, 5)])
+def test_minmax_matches_numpy_reference(pairing, shape):
+    x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    x[0, 0] = x[0, 1]  # a tie inside a pair
+    out = MinMax(pairing)(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(out, minmax_reference(x, pairing))
+
+
+def test_minmax_rejects_unknown_pairing():
+    with pytest.raises(GlorocertError, match="halves, adjacent"):
+        MinMax("half")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
+@pytest.mark.parametrize("activation", ["relu", "minmax"])
+def test_architectures_map_images_to_class_logits(arch, size, channels, activation):
+    torch.manual_seed(0)
+    model = build(spec(arch, activation, shape=(channels, size, size), classes=7))
+    assert model(torch.rand(2, channels, size, size)).shape == (2, 7)
+
+
+def test_2c2f_has_the_paper_layer_sizes():
+    model = build(spec("2c2f"))
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [(16, (4, 4), (2, 2)), (32, (4, 4), (2, 2))]
+    assert [(l.in_features, l.out_features) for l in linears] == [(32 * 7 * 7, 100), (100, 10)]
+
+
+def test_weights_are_initialised_orthogonally():
+    torch.manual_seed(0)
+    model = build(spec("2c2f"))
+    weight = model[-1].weight  # 10 × 100: orthonormal rows
+    torch.testing.assert_close(weight @ weight.T, torch.eye(10), atol=1e-5, rtol=0)
+
+
+def test_unknown_architecture_and_activation_are_refused():
+    with pytest.raises(GlorocertError, match="2c2f, 4c3f, 6c2f, 8c2f"):
+        build(spec("2c3f"))
+    with pytest.raises(GlorocertError, match="relu, minmax"):
+        build(spec(activation="tanh"))
+
+
+# -- checkpoints -------------------------------------------------------------
+
+def test_checkpoint_round_trip_keeps_weights_and_spec(tmp_path):
+    torch.manual_seed(0)
+    model = build(spec("2c2f", "minmax", "adjacent"))
+    path = save_checkpoint(tmp_path / "m.safetensors", model, spec("2c2f", "minmax", "adjacent"), {"eps": 0.3})
+    loaded, loaded_spec = load_checkpoint(path)
+    assert loaded_spec == spec("2c2f", "minmax", "adjacent")
+    assert not loaded.training
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_corrupt_or_foreign_checkpoints_raise_glorocert_error(tmp_path):
+    from safetensors.torch import save_file
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00not a header at all")
+    with pytest.raises(GlorocertError, match="not a valid safetensors"):
+        load_checkpoint(garbage)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(GlorocertError, match="not a glorocert checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(GlorocertError, match="not found"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    mismatched = tmp_path / "mismatched.safetensors"
+    save_file({"0.weight": torch.zeros(2)}, str(mismatched),
+              metadata={"glorocert_format": "1", "glorocert_spec": json.dumps(spec())})
+    with pytest.raises(GlorocertError, match="do not match"):
+        load_checkpoint(mismatched)
+
+
+# -- power iteration ---------------------------------------------------------
+
+def tiny_net() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 4, stride=2, padding=1), nn.ReLU(),   # odd input: needs output_padding
+        nn.Conv2d(4, 4, 3, stride=1, padding=1), MinMax(),
+        nn.Flatten(), nn.Linear(4 * 3 * 3, 6), nn.ReLU(), nn.Linear(6, 3),
+    )
+
+
+def test_conv_transpose_is_the_adjoint_for_strided_padded_odd_inputs():
+    model = tiny_net()
+    power = PowerIteration(model, (2, 7, 7))
+    x = torch.randn(1, 2, 7, 7)
+    y = torch.randn(1, 4, 3, 3)
+    lhs = (power._forward_operator(0, x) * y).sum()
+    rhs = (x * power._transpose_operator(0, y)).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-5)
+
+
+def test_converged_estimate_bounds_per_step_estimates_and_stays_below_exact_norm():
+    model = tiny_net()
+    power = PowerIteration(model, (2, 7, 7), seed=0)
+    per_step = []
+    for _ in range(5):  # what training sees: one step at a time from the persistent state
+        power.step(1)
+        per_step.append(power.layer_estimates().detach())
+    report = power.converge(tol=1e-9, max_iterations=20_000)
+    converged = power.layer_estimates().detach()
+    assert all(report.converged)
+    for estimate in per_step:
+        assert torch.all(converged >= estimate * (1 - 1e-6))
+    exact = []
+    shapes = {0: (2, 7, 7), 2: (4, 3, 3), 5: (36,), 7: (6,)}
+    for index, module in zip(power.layer_indices, [model[i] for i in power.layer_indices]):
+        weight = module.weight.double()
+        if isinstance(module, nn.Conv2d):
+            op = lambda b, w=weight, m=module: F.conv2d(b, w, None, m.stride, m.padding)  # noqa: E731
+        else:
+            op = lambda b, w=weight: b @ w.T  # noqa: E731
+        exact.append(torch.linalg.matrix_norm(explicit_matrix(op, shapes[index]), ord=2))
+    exact = torch.stack(exact).float()
+    assert torch.all(converged <= exact * (1 + 1e-5))
+    torch.testing.assert_close(converged, exact, rtol=1e-3, atol=0)
+
+
+def test_normalisation_adds_no_epsilon_for_tiny_weights():
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4)
+    with torch.no_grad():
+        layer.weight.mul_(1e-7)
+    model = nn.Sequential(layer)
+    power = PowerIteration(model, (5,))
+    power.converge(tol=1e-9)
+    exact = torch.linalg.matrix_norm(layer.weight.double(), ord=2)
+    torch.testing.assert_close(power.layer_estimates()[0].double(), exact, rtol=1e-5, atol=0)
+
+
+def test_margin_estimate_is_differentiable_in_the_weights_only():
+    model = tiny_net()
+    power = PowerIteration(model, (2, 7, 7))
+    power.step(3)
+    K = power.margin_lipschitz()
+    assert torch.all(torch.diagonal(K) == 0)
+    torch.testing.assert_close(K, K.T)
+    K.sum().backward()
+    for module in model:
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            assert module.weight.grad is not None and torch.isfinite(module.weight.grad).all()
+    assert all(not b.requires_grad for b in power.buffers())
+
+
+def test_unknown_layers_are_refused_not_assumed_one_lipschitz():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    with pytest.raises(GlorocertError, match="BatchNorm2d"):
+        PowerIteration(model, (1, 8, 8))
+
+
+# -- losses and the certification rule ---------------------------------------
+
+def test_bottom_logit_follows_the_definition_and_ties_are_not_certified():
+    K = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 3.0], [2.0, 3.0, 0.0]])
+    logits = torch.tensor([[3.0, 1.0, 0.5], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    bottom = losses.bottom_logit(logits, K, 0.5)
+    # row 0: j=0, max(1 + 0.5·1, 0.5 + 0.5·2) = 1.5
+    torch.testing.assert_close(bottom, torch.tensor([1.5, 1.5, 1.0]))
+    predicted, is_bottom = losses.certify_predictions(logits, K, 0.5)
+    assert predicted.tolist() == [0, 0, 0]
+    assert is_bottom.tolist() == [False, True, True]
+    # at ε = 0 a tie is still not certified
+    assert losses.certify_predictions(logits, K, 0.0)[1].tolist() == [False, True, True]
+
+
+def test_gloro_losses_never_use_bottom_as_a_label():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 4, requires_grad=True)
+    labels = torch.randint(0, 4, (8,))
+    K = torch.rand(4, 4)
+    K = (K + K.T) * (1 - torch.eye(4))
+    assert losses.gloro_logits(logits, K, 0.3).shape == (8, 5)
+    ce = losses.gloro_cross_entropy(logits, labels, K, 0.3)
+    assert ce >= F.cross_entropy(logits, labels) - 1e-6  # an extra class only adds mass
+    trades = losses.gloro_trades(logits, labels, K, 0.3, lam=2.0)
+    assert trades >= F.cross_entropy(logits, labels) - 1e-6  # KL ≥ 0
+    torch.testing.assert_close(losses.gloro_trades(logits, labels, K, 0.3, lam=0.0), F.cross_entropy(logits, labels))
+    # without a margin (ε = 0) TRADES' KL still sees the ⊥ logit = the runner-up
+    trades.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+# -- schedules ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,names", [("eps", RAMP_SCHEDULES), ("lam", LAMBDA_SCHEDULES), ("lr", LR_SCHEDULES)])
+def test_each_known_schedule_parses_to_itself(kind, names):
+    for name in names:
+        assert parse_schedule(name, kind).name == name
+
+
+@pytest.mark.parametrize("name", ["linear_from_0.1", "linear_halfway", "Linear", "linear ", "decay_to_1e-6",
+                                  "log", "logarithmic_half_x", ""])
+def test_unknown_or_prefixed_schedule_names_are_rejected_with_the_valid_list(name):
+    with pytest.raises(GlorocertError, match="valid: fixed, linear"):
+        parse_schedule(name, "eps")
+
+
+def test_schedule_values():
+    assert parse_schedule("fixed", "eps").ramp(0.0, 0.45) == 0.45
+    assert parse_schedule("linear", "lam").ramp(0.5, 2.0) == pytest.approx(1.0)
+    assert parse_schedule("linear_half", "lam").ramp(0.75, 2.0) == 2.0
+    log = parse_schedule("logarithmic", "eps")
+    assert log.ramp(0.0, 1.0) == pytest.approx(0.01)
+    assert log.ramp(1.0, 1.0) == pytest.approx(1.0)
+    lr = parse_schedule("decay_after_half", "lr")
+    assert lr.lr(0.3, 1e-3, 1e-6) == 1e-3
+    assert lr.lr(0.75, 1e-3, 1e-6) == pytest.approx(10 ** -4.5)
+    assert lr.lr(1.0, 1e-3, 1e-6) == pytest.approx(1e-6)
+    with pytest.raises(GlorocertError):
+        TrainConfig(lr_schedule="decay_to_1e-6")
+
+
+# -- the loop ----------------------------------------------------------------
+
+def _small_config(**overrides) -> TrainConfig:
+    settings = dict(arch="2c2f", loss="gloro", eps=0.3, train_eps=0.45, epochs=3, batch_size=64,
+                    lr=3e-3, final_lr=1e-4, seed=0)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_short_gloro_training_improves_vra_over_the_untrained_net(digits):
+    x_train, y_train, x_val, y_val = digits
+    torch.manual_seed(0)
+    untrained = build(spec("2c2f", shape=(1, 8, 8)))
+    power = PowerIteration(untrained, (1, 8, 8))
+    power.converge()
+    before = evaluate(untrained, power.margin_lipschitz().detach(), x_val, y_val, 0.3)
+    result = train(_small_config(epochs=6, batch_size=32, lr=5e-3), x_train, y_train, x_val, y_val)
+    assert result.vra_estimate >= before["vra"] + 0.25
+    assert result.clean_acc > 0.5
+    assert len(result.history) == 6
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAfter:
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch(self, record):
+        if record.epoch == self.epoch:
+            raise _Interrupt
+
+
+@pytest.mark.parametrize("loss", ["trades"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits, tmp_path, loss):
+    x_train, y_train, x_val, y_val = digits
+    x_train, y_train = x_train[:256], y_train[:256]
+    config = dict(loss=loss, lam=1.5, epochs=3, eps_schedule="linear_half", activation="minmax")
+    whole = train(_small_config(out_dir=str(tmp_path / "whole"), **config), x_train, y_train, x_val, y_val)
+    with pytest.raises(_Interrupt):
+        train(_small_config(out_dir=str(tmp_path / "cut"), **config), x_train, y_train, x_val, y_val,
+              progress=_StopAfter(1))
+    with pytest.raises(GlorocertError, match="--resume"):
+        train(_small_config(out_dir=str(tmp_path / "cut"), **config), x_train, y_train, x_val, y_val)
+    with pytest.raises(GlorocertError, match="lam"):
+        train(_small_config(out_dir=str(tmp_path / "cut"), resume=True, **{**config, "lam": 1.0}),
+              x_train, y_train, x_val, y_val)
+    resumed = train(_small_config(out_dir=str(tmp_path / "cut"), resume=True, **config),
+                    x_train, y_train, x_val, y_val)
+    for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    for key, value in whole.power.iterate_state().items():
+        assert torch.equal(value, resumed.power.iterate_state()[key])
+    assert [r.loss for r in whole.history] == [r.loss for r in resumed.history]
+    with open(tmp_path / "cut" / "log.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"epoch", "loss", "clean_acc", "vra", "bottom_rate", "train_eps", "lam", "lr",
+                            "seconds", "lipschitz_estimate"}
+    for name in ("model.safetensors", "model.onnx", "model.ts.pt", "card.md", "log.csv"):
+        assert (tmp_path / "cut" / name).exists(), name
+    loaded, loaded_spec = load_checkpoint(tmp_path / "cut" / "model.safetensors")
+    assert loaded_spec["activation"] == "minmax"
+    scripted = torch.jit.load(str(tmp_path / "cut" / "model.ts.pt"))
+    torch.testing.assert_close(scripted(x_val[:5]), loaded(x_val[:5]))
+
+
+def test_standard_training_baseline_runs(digits):
+    x_train, y_train, x_val, y_val = digits
+    result = train(_small_config(loss="ce", epochs=2), x_train, y_train, x_val, y_val)
+    assert result.clean_acc > 0.5
+    assert all(r.train_eps == 0.0 for r in result.history)
+
+
+def test_bad_data_is_refused(digits):
+    x_train, y_train, x_val, y_val = digits
+    bad = x_train.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(GlorocertError, match="NaN"):
+        train(_small_config(epochs=1), bad, y_train, x_val, y_val)
+    with pytest.raises(GlorocertError, match="labels"):
+        train(_small_config(epochs=1), x_train, y_train[:10], x_val, y_val)
+
+
+# -- the GloRo ONNX export ---------------------------------------------------
+
+def numpy_certify(logits: np.ndarray, K: np.ndarray, eps: float) -> np.ndarray:
+    """Direct certify rule: pred = first argmax; ⊥ (index C) when min_{i≠j}(y_j − y_i)/K[j,i] ≤ ε."""
+    logits = logits.astype(np.float64)
+    out = []
+    for y in logits:
+        j = int(np.argmax(y))
+        radius = np.inf
+        for i in range(len(y)):
+            if i == j:
+                continue
+            gap = y[j] - y[i]
+            radius = min(radius, gap / K[j, i] if K[j, i] > 0 else (np.inf if gap > 0 else 0.0))
+        out.append(len(y) if radius <= eps else j)
+    return np.array(out)
+
+
+def test_gloro_onnx_argmax_matches_the_certify_rule(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    onnx_path = export_onnx(model, (1, 3, 4), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    K = rng.uniform(0.5, 2.0, size=(4, 4))
+    K = (K + K.T) / 2
+    np.fill_diagonal(K, 0)
+    eps = 0.2
+    out = export_gloro_onnx(onnx_path, K, eps, tmp_path / "gloro.onnx")
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = rng.uniform(0, 1, size=(400, 1, 3, 4)).astype(np.float32)
+    scores = session.run(None, {"input": x})[0]
+    logits = plain.run(None, {"input": x})[0]
+    assert scores.shape == (400, 5)
+    np.testing.assert_array_equal(scores[:, :4], logits)
+    expected = numpy_certify(logits, K, eps)
+    np.testing.assert_array_equal(scores.argmax(axis=1), expected)
+    assert 0 < (expected == 4).sum() < 400  # both outcomes are exercised
+
+
+def test_gloro_onnx_ties_go_to_bottom(tmp_path):
+    import onnxruntime as ort
+
+    # identity "model": the logits are the input, so ties can be made exactly
+    model = nn.Sequential(nn.Flatten()).eval()
+    onnx_path = export_onnx(model, (1, 1, 3), tmp_path / "id.onnx")
+    K = np.array([[0, 1.0, 1.0], [1.0, 0, 1.0], [1.0, 1.0, 0]])
+    out = export_gloro_onnx(onnx_path, K, 0.5, tmp_path / "gloro.onnx")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.array([
+        [2.0, 2.0, 0.0],     # tie in the top logits → ⊥
+        [1.5, 1.0, 0.0],     # margin 0.5 = ε·K exactly → ⊥ (y_⊥ == y_j)
+        [1.6, 1.0, 0.0],     # margin 0.6 > 0.5 → certified class 0
+        [0.0, 0.0, 0.0],     # all equal, including 0 → ⊥
+        [-3.0, -1.0, -1.5],  # negative logits, margin 0.5 → ⊥
+    ], dtype=np.float32)[:, None, None, :]
+    scores = session.run(None, {"input": x})[0]
+    assert scores.argmax(axis=1).tolist() == [3, 3, 0, 3, 3]
+    expected = numpy_certify(x.reshape(5, 3), K, 0.5)
+    assert expected.tolist() == [3, 3, 0, 3, 3]
+
+
+def test_gloro_onnx_refuses_a_mismatched_margin_matrix(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 4)).eval()
+    onnx_path = export_onnx(model, (1, 1, 3), tmp_path / "m.onnx")
+    with pytest.raises(GlorocertError, match="margin matrix"):
+        export_gloro_onnx(onnx_path, np.zeros((3, 3)), 0.1, tmp_path / "g.onnx")
+    with pytest.raises(GlorocertError, match="non-negative"):
+        export_gloro_onnx(onnx_path, -np.ones((4, 4)), 0.1, tmp_path / "g.onnx")
