@@ -51,6 +51,7 @@ class Model:
     graph: Graph
     runner: TorchRunner | OrtRunner
     notes: list[str]
+    equivalence_gap: float = 0.0  # max |IR − native| on the random check inputs
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -105,8 +106,8 @@ def load(
         module, shape, fmt = _load_torch(path, input_shape, trust_pickle)
         graph = onnx_to_graph(torch_to_onnx(module, shape), shape)
         runner = TorchRunner(module, device)
-    check_equivalence(graph, runner, path)
-    return Model(path, sha256_of(path), fmt, graph, runner, notes)
+    gap = check_equivalence(graph, runner, path)
+    return Model(path, sha256_of(path), fmt, graph, runner, notes, gap)
 
 
 def _require_static(declared, path) -> tuple[int, ...]:

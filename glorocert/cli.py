@@ -1,0 +1,207 @@
+"""The `glorocert` command: parsing and rendering only; the work happens in glorocert.api.
+
+Exit codes: 0 success · 1 a check failed (VRA below --fail-under, audit
+violation) · 2 bad input or usage (one-line message, no traceback) ·
+130 interrupted (no partial output is left behind).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from glorocert.errors import GlorocertError
+
+app = typer.Typer(
+    help="Certify the l2 robustness of neural-network classifiers with a frozen global Lipschitz bound (GloRo), "
+    "and compare with randomized smoothing, BCP and Wong–Kolter.\n\n"
+    "Typical use: `glorocert bound model.onnx` once, then `glorocert certify model.onnx --data mnist-5k --eps 0.3`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+DEBUG = {"on": False}
+
+ModelArg = Annotated[Path, typer.Argument(help="Model file: .onnx, TorchScript (.pt), torch.export (.pt2) or a glorocert checkpoint (.safetensors).", show_default=False)]
+InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Per-sample input shape C,H,W when the model does not record it (TorchScript), e.g. 1,28,28.")]
+TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled nn.Module (torch.save(model)); pickles can run arbitrary code.")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (falls back to the CPU with a message).")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
+    DEBUG["on"] = debug
+
+
+def progress_bar(transient: bool = True) -> Progress:
+    return Progress(
+        SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=transient,
+    )
+
+
+def _load(model: Path, input_shape: str | None, trust_pickle: bool, device: str = "cpu"):
+    from glorocert.loaders import load, parse_shape
+
+    with err.status(f"loading {model} and checking the converted graph against it…"):
+        loaded = load(model, input_shape=parse_shape(input_shape), trust_pickle=trust_pickle, device=device)
+    for note in loaded.notes:
+        err.print(f"[yellow]note:[/] {note}")
+    return loaded
+
+
+@app.command()
+def bound(
+    model: ModelArg,
+    input_shape: InputShape = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="Where to write the bound JSON (default: MODEL.bound.json next to the model).")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="sound: guaranteed upper bounds (default). estimate: power iteration only, as in the GloRo paper — NOT a certificate.")] = "sound",
+    tol: Annotated[float, typer.Option("--tol", help="Power-iteration convergence: relative change of the estimate per iteration.")] = 1e-8,
+    max_iter: Annotated[int, typer.Option("--max-iter", help="Power-iteration cap per operator.")] = 5000,
+    mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean of a normalisation applied OUTSIDE the model, e.g. 0.1307; folded into the bound.")] = None,
+    std: Annotated[Optional[str], typer.Option("--std", help="Per-channel std of that normalisation, e.g. 0.3081.")] = None,
+    trust_pickle: TrustPickle = False,
+    device: Device = "cpu",
+) -> None:
+    """Compute the model's global l2 Lipschitz bound and margin matrix once, and freeze them to JSON.
+
+    Example: glorocert bound models/mnist-5k-eps0.3/model.onnx
+    """
+    from glorocert.api import compute_bound, normalization_of
+    from glorocert.lipschitz.boundfile import default_path
+
+    loaded = _load(model, input_shape, trust_pickle, device)
+    normalization = normalization_of(_floats(mean, "--mean"), _floats(std, "--std"))
+    with progress_bar() as progress:
+        task = progress.add_task("bounding", total=len(loaded.graph.nodes))
+        result = compute_bound(
+            loaded, mode=mode, tol=tol, max_iter=max_iter, normalization=normalization,
+            progress=lambda name: progress.update(task, completed=_position(loaded.graph, name), description=f"bounding {name}"),
+        )
+    path = result.save(out_path or default_path(model))
+    table = Table(title=f"Lipschitz bounds of {model.name} ({result.mode})", title_justify="left")
+    for col in ("block", "op", "output", "estimate", "upper bound", "slack", "iterations", "method"):
+        table.add_column(col, justify="right" if col not in ("block", "op", "method") else "left")
+    for b in result.blocks:
+        slack = f"{(b['upper'] / b['estimate'] - 1) * 100:.4f}%" if b["estimate"] > 0 else "—"
+        its = f"{b['iterations']}" + ("" if b["converged"] else " [red](not converged)[/]")
+        table.add_row(b["name"], b["op"], "×".join(map(str, b["out_shape"])), f"{b['estimate']:.6g}", f"{b['upper']:.6g}", slack, its, b["method"])
+    out.print(table)
+    label = "guaranteed upper bound" if result.mode == "sound" else "[red]ESTIMATE (power iteration; not a certificate)[/]"
+    out.print(f"global Lipschitz constant: [bold]{result.lipschitz:.6g}[/] ({label}); power-iteration estimate {result.global_estimate:.6g}")
+    out.print(f"margin matrix: {result.margin_method}; computed in {result.seconds:.2f} s; written to {path}")
+    if not result.all_converged:
+        err.print("[yellow]warning:[/] power iteration did not converge on every block (raise --max-iter); the guaranteed bound is unaffected")
+
+
+def _position(graph, name: str) -> int:
+    return next((k for k, n in enumerate(graph.nodes) if n.name == name), 0)
+
+
+def _floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise GlorocertError(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+@app.command()
+def certify(
+    model: ModelArg,
+    data: Annotated[str, typer.Option("--data", help="mnist-5k, fashion-mnist, digits, or a file: .npz, .npy (+ --labels), .csv, image folder.")] = "mnist-5k",
+    eps: Annotated[str, typer.Option("--eps", help="l2 radius/radii in [0,1] pixel space, comma-separated: 0.3 or 0.1,0.3,1.58.")] = "0.3",
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="Per-sample rows: .csv, .jsonl or .parquet.")] = None,
+    summary_path: Annotated[Optional[Path], typer.Option("--summary", help="Summary JSON.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Certified accuracy vs radius: .png, .svg or .pdf.")] = None,
+    bound_path: Annotated[Optional[Path], typer.Option("--bound", help="Bound JSON (default: MODEL.bound.json next to the model, computed and cached if absent).")] = None,
+    split: Annotated[str, typer.Option("--split", help="train or test (built-in datasets).")] = "test",
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="Labels .npy for a .npy input file.")] = None,
+    start: Annotated[int, typer.Option("--start", help="First sample.")] = 0,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Number of samples.")] = None,
+    layout: Annotated[str, typer.Option("--layout", help="auto, nchw or nhwc.")] = "auto",
+    scale: Annotated[str, typer.Option("--scale", help="auto (divide by 255 when needed), none or 255.")] = "auto",
+    mean: Annotated[Optional[str], typer.Option("--mean", help="Normalisation applied outside the model (folded into the bound).")] = None,
+    std: Annotated[Optional[str], typer.Option("--std", help="Its per-channel std.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 256,
+    device: Device = "cpu",
+    fail_under: Annotated[Optional[float], typer.Option("--fail-under", help="Exit 1 when the VRA at the largest ε is below this fraction (e.g. 0.9).")] = None,
+    input_shape: InputShape = None,
+    trust_pickle: TrustPickle = False,
+) -> None:
+    """Certify a whole dataset in one forward pass per batch: prediction, ⊥ flag and certified l2 radius per sample.
+
+    Example: glorocert certify models/mnist-5k-eps0.3/model.onnx --data mnist-5k --eps 0.3,1.0 --out rows.csv --plot curve.png
+    """
+    from glorocert.api import certify as run
+    from glorocert.data import open_dataset
+    from glorocert.results import summary_table, write_json, write_rows
+
+    eps_values = _floats(eps, "--eps")
+    loaded = _load(model, input_shape, trust_pickle, device)
+    dataset = open_dataset(
+        data, split=split, labels=str(labels) if labels else None, layout=layout, scale=scale,
+        mean=_floats(mean, "--mean"), std=_floats(std, "--std"), start=start, limit=limit,
+        input_shape=loaded.input_shape,
+    )
+    with progress_bar() as progress:
+        task = progress.add_task("certifying", total=dataset.num_samples)
+        result = run(loaded, dataset, eps_values, bound=bound_path, batch_size=batch_size, progress=lambda n: progress.advance(task, n))
+    if out_path:
+        from glorocert.api import ROWS_SCHEMA_VERSION
+
+        write_rows(out_path, result.rows, ROWS_SCHEMA_VERSION)
+    if summary_path:
+        write_json(summary_path, result.summary)
+    if plot:
+        result.plot(plot)
+    s = result.summary
+    out.print(summary_table(s, f"{model.name} on {s['dataset']}"))
+    out.print(
+        f"{s['num_samples']} samples in {s['seconds']:.2f} s ({s['samples_per_second']:.0f}/s, {s['runner']}); "
+        f"Lipschitz {s['lipschitz']:.4g} ({s['bound_mode']}, {s['bound_file']})"
+    )
+    if fail_under is not None:
+        vra = s["vra"][max(s["vra"], key=float)]
+        if vra < fail_under:
+            err.print(f"VRA {vra:.4f} at ε={max(eps_values):g} is below --fail-under {fail_under}")
+            raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point: one handler turns user errors into a one-line message and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except GlorocertError as e:
+        if DEBUG["on"]:
+            raise
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted; no partial output was written")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
