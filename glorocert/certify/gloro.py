@@ -20,7 +20,6 @@ estimates, not certificates; the summary says so.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 # The native forward runs in float32. Its rounding error, relative to the
 # logits' scale, is budgeted here (and raised to the measured IR/native gap
@@ -31,26 +30,28 @@ ROUNDING_RTOL = 1e-5
 def radii(logits: np.ndarray, margin_matrix: np.ndarray, rounding_rtol: float = ROUNDING_RTOL):
     """Per sample: predicted class, runner-up (the class whose boundary is nearest), margin, radius.
 
-    Vectorised over the batch; ``logits`` (N, C), ``margin_matrix`` (C, C).
+    Vectorised over the batch with numpy (tiny arrays: torch's thread pool
+    would cost more than the arithmetic); ``logits`` (N, C), ``margin_matrix`` (C, C).
     """
-    y = torch.as_tensor(np.asarray(logits, dtype=np.float64))
-    k = torch.as_tensor(margin_matrix, dtype=torch.float64)
+    y = np.asarray(logits, dtype=np.float64)
+    k = np.asarray(margin_matrix, dtype=np.float64)
     n, c = y.shape
-    predicted = y.argmax(dim=1)
-    top = y.gather(1, predicted[:, None])
-    gaps = top - y  # y_j − y_i ≥ 0
-    slack = rounding_rtol * (1.0 + y.abs().amax(dim=1, keepdim=True))
+    rows = np.arange(n)
+    predicted = y.argmax(axis=1)
+    gaps = y[rows, predicted][:, None] - y  # y_j − y_i ≥ 0
+    slack = rounding_rtol * (1.0 + np.abs(y).max(axis=1, keepdims=True))
     k_rows = k[predicted]  # K[j][·]
-    ratio = (gaps - slack) / k_rows
-    ratio = torch.where(k_rows == 0, torch.where(gaps - slack > 0, torch.inf, -torch.inf), ratio)
-    own = torch.nn.functional.one_hot(predicted, c).bool()
-    ratio = ratio.masked_fill(own, torch.inf)
-    radius, runner_up = ratio.min(dim=1)
-    tied = ((gaps == 0) & ~own).any(dim=1)
-    radius = torch.where(tied, torch.zeros_like(radius), radius).clamp_min(0.0)
-    radius = torch.nextafter(radius, torch.zeros_like(radius)).clamp_min(0.0)  # round down
-    margin = gaps.masked_fill(own, torch.inf).min(dim=1).values if c > 1 else torch.full((n,), torch.inf)
-    return predicted.numpy(), runner_up.numpy(), margin.numpy(), radius.numpy()
+    safe = gaps - slack
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(k_rows > 0, safe / np.where(k_rows > 0, k_rows, 1.0), np.where(safe > 0, np.inf, -np.inf))
+    ratio[rows, predicted] = np.inf
+    runner_up = ratio.argmin(axis=1)
+    radius = ratio[rows, runner_up]
+    gaps[rows, predicted] = np.inf
+    margin = gaps.min(axis=1)
+    radius = np.where(margin <= 0, 0.0, radius)  # a tied top logit is never certified
+    radius = np.maximum(np.nextafter(np.maximum(radius, 0.0), 0.0), 0.0)  # round down
+    return predicted, runner_up, margin, radius
 
 
 def bottom_flags(radius: np.ndarray, eps: float) -> np.ndarray:
