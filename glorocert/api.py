@@ -23,6 +23,7 @@ from glorocert.data import Dataset, open_dataset
 from glorocert.errors import GlorocertError
 from glorocert.lipschitz.boundfile import Bound, default_path
 from glorocert.lipschitz.compose import compose
+from glorocert.lipschitz.operators import EXACT_MAX_SIDE
 from glorocert.loaders import Model, load
 from glorocert.results import certified_accuracy_curve, eps_key, plot_curves, summarize
 
@@ -43,8 +44,9 @@ def compute_bound(
     model: Model,
     *,
     mode: str = "sound",
-    tol: float = 1e-8,
+    tol: float = 1e-7,
     max_iter: int = 5000,
+    exact_side: int = EXACT_MAX_SIDE,
     normalization: dict | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Bound:
@@ -65,7 +67,7 @@ def compute_bound(
             raise GlorocertError(f"--mean/--std have {len(mean)}/{len(std)} values; the model input has {channels} channels")
         mean, std = np.broadcast_to(mean, (channels,)), np.broadcast_to(std, (channels,))
         graph = graph.with_input_affine(1.0 / std, -mean / std)
-    result = compose(graph, tol=tol, max_iter=max_iter, progress=progress)
+    result = compose(graph, tol=tol, max_iter=max_iter, exact_side=exact_side, progress=progress)
     return Bound(
         model_sha256=model.sha256,
         model_name=model.path.name,

@@ -64,8 +64,9 @@ def bound(
     input_shape: InputShape = None,
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Where to write the bound JSON (default: MODEL.bound.json next to the model).")] = None,
     mode: Annotated[str, typer.Option("--mode", help="sound: guaranteed upper bounds (default). estimate: power iteration only, as in the GloRo paper — NOT a certificate.")] = "sound",
-    tol: Annotated[float, typer.Option("--tol", help="Power-iteration convergence: relative change of the estimate per iteration.")] = 1e-8,
+    tol: Annotated[float, typer.Option("--tol", help="Power-iteration convergence: relative change of the estimate per iteration.")] = 1e-7,
     max_iter: Annotated[int, typer.Option("--max-iter", help="Power-iteration cap per operator.")] = 5000,
+    exact_side: Annotated[int, typer.Option("--exact-side", help="Bound a linear block exactly when its smaller side has at most this many units (cost grows as its cube); larger convolutions get the circulant bound.")] = 2048,
     mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean of a normalisation applied OUTSIDE the model, e.g. 0.1307; folded into the bound.")] = None,
     std: Annotated[Optional[str], typer.Option("--std", help="Per-channel std of that normalisation, e.g. 0.3081.")] = None,
     trust_pickle: TrustPickle = False,
@@ -83,7 +84,7 @@ def bound(
     with progress_bar() as progress:
         task = progress.add_task("bounding", total=len(loaded.graph.nodes))
         result = compute_bound(
-            loaded, mode=mode, tol=tol, max_iter=max_iter, normalization=normalization,
+            loaded, mode=mode, tol=tol, max_iter=max_iter, exact_side=exact_side, normalization=normalization,
             progress=lambda name: progress.update(task, completed=_position(loaded.graph, name), description=f"bounding {name}"),
         )
     path = result.save(out_path or default_path(model))

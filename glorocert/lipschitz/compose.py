@@ -152,17 +152,18 @@ def _merge(a, b):
     return None
 
 
-def bound_segment(block: Block, tol: float, max_iter: int) -> BlockBound:
+def bound_segment(block: Block, tol: float, max_iter: int, exact_side: int = ops_bounds.EXACT_MAX_SIDE) -> BlockBound:
     if all(isinstance(n.op, Reshape) for n in block.nodes):
         return BlockBound(block.name, block.description, block.in_shape, block.out_shape, 1.0, 1.0, "isometry")
-    estimate = ops_bounds.power_iteration(block.homogeneous, block.in_shape, tol=tol, max_iter=max_iter)
-    if ops_bounds.fits_in_memory(block.in_shape, block.out_shape):
-        upper = ops_bounds.spectral_norm_exact(ops_bounds.materialise(block.homogeneous, block.in_shape))
-        method = "exact"
+    if ops_bounds.exact_affordable(block.in_shape, block.out_shape, exact_side):
+        gram = ops_bounds.gram_matrix(block.homogeneous, block.in_shape, block.out_shape)
+        upper, method = ops_bounds.norm_from_gram(gram), "exact"
+        estimate = ops_bounds.power_iteration_gram(gram, tol=tol, max_iter=max_iter)
     else:
+        estimate = ops_bounds.power_iteration(block.homogeneous, block.in_shape, tol=tol, max_iter=max_iter)
         upper, methods, shape = 1.0, [], block.in_shape
         for op in fold_scales(block.nodes):
-            value, how = ops_bounds.upper_bound(op, shape)
+            value, how = ops_bounds.upper_bound(op, shape, exact_side)
             upper *= value
             methods.append(how)
             shape = tuple(op.homogeneous(torch.zeros(1, *shape, dtype=torch.float64)).shape[1:])
@@ -188,7 +189,12 @@ def nonlinear_constant(block: Block) -> tuple[float, str]:
 
 
 def compose(
-    graph: Graph, *, tol: float = 1e-8, max_iter: int = 5000, progress: Callable[[str], None] | None = None
+    graph: Graph,
+    *,
+    tol: float = 1e-7,
+    max_iter: int = 5000,
+    exact_side: int = ops_bounds.EXACT_MAX_SIDE,
+    progress: Callable[[str], None] | None = None,
 ) -> Composition:
     """Bound the graph; returns both the power-iteration composition and the guaranteed one."""
     started = time.perf_counter()
@@ -201,7 +207,7 @@ def compose(
             progress(block.name)
         op = block.nodes[0].op
         if block.linear:
-            b = bound_segment(block, tol, max_iter)
+            b = bound_segment(block, tol, max_iter, exact_side)
             upper[block.name] = b.upper * upper[block.inputs[0]]
             est[block.name] = b.estimate * est[block.inputs[0]]
             results.append(b)
@@ -226,7 +232,7 @@ def compose(
 def margin_matrices(graph: Graph, blocks: list[Block], est: dict, upper: dict):
     classes = graph.num_classes
     last = blocks[-1]
-    if last.linear and last.name == graph.output and ops_bounds.fits_in_memory(last.in_shape, last.out_shape):
+    if last.linear and last.name == graph.output and ops_bounds.exact_affordable(last.in_shape, last.out_shape):
         rows = ops_bounds.materialise(last.homogeneous, last.in_shape)  # (classes, d)
         pair = torch.stack([(rows[j] - rows).norm(dim=1) for j in range(classes)])  # ‖A_j − A_i‖
         pair = pair * (1.0 + FLOAT_MARGIN)
