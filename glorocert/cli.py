@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -66,6 +67,7 @@ def bound(
     mode: Annotated[str, typer.Option("--mode", help="sound: guaranteed upper bounds (default). estimate: power iteration only, as in the GloRo paper — NOT a certificate.")] = "sound",
     tol: Annotated[float, typer.Option("--tol", help="Power-iteration convergence: relative change of the estimate per iteration.")] = 1e-7,
     max_iter: Annotated[int, typer.Option("--max-iter", help="Power-iteration cap per operator.")] = 5000,
+    lower: Annotated[bool, typer.Option("--lower", help="Also search for an empirical LOWER bound (largest local Jacobian norm found on mnist-style random inputs) and report upper ÷ lower.")] = False,
     exact_side: Annotated[int, typer.Option("--exact-side", help="Bound a linear block exactly when its smaller side has at most this many units (cost grows as its cube); larger convolutions get the circulant bound.")] = 2048,
     mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean of a normalisation applied OUTSIDE the model, e.g. 0.1307; folded into the bound.")] = None,
     std: Annotated[Optional[str], typer.Option("--std", help="Per-channel std of that normalisation, e.g. 0.3081.")] = None,
@@ -89,16 +91,28 @@ def bound(
         )
     path = result.save(out_path or default_path(model))
     table = Table(title=f"Lipschitz bounds of {model.name} ({result.mode})", title_justify="left")
-    for col in ("block", "op", "output", "estimate", "upper bound", "slack", "iterations", "method"):
-        table.add_column(col, justify="right" if col not in ("block", "op", "method") else "left")
-    for b in result.blocks:
+    for col in ("#", "operator", "output", "estimate", "upper bound", "slack", "iters", "method"):
+        table.add_column(col, justify="left" if col in ("operator", "method") else "right", overflow="fold")
+    for k, b in enumerate(result.blocks, 1):
         slack = f"{(b['upper'] / b['estimate'] - 1) * 100:.4f}%" if b["estimate"] > 0 else "—"
-        its = f"{b['iterations']}" + ("" if b["converged"] else " [red](not converged)[/]")
-        table.add_row(b["name"], b["op"], "×".join(map(str, b["out_shape"])), f"{b['estimate']:.6g}", f"{b['upper']:.6g}", slack, its, b["method"])
+        its = f"{b['iterations']}" + ("" if b["converged"] else " [red]not converged[/]")
+        table.add_row(str(k), b["op"], "×".join(map(str, b["out_shape"])), f"{b['estimate']:.6g}", f"{b['upper']:.6g}", slack, its, b["method"])
     out.print(table)
     label = "guaranteed upper bound" if result.mode == "sound" else "[red]ESTIMATE (power iteration; not a certificate)[/]"
     out.print(f"global Lipschitz constant: [bold]{result.lipschitz:.6g}[/] ({label}); power-iteration estimate {result.global_estimate:.6g}")
     out.print(f"margin matrix: {result.margin_method}; computed in {result.seconds:.2f} s; written to {path}")
+    if lower:
+        import torch
+
+        from glorocert.audit import lipschitz_lower_bounds
+
+        with err.status("searching for a lower bound…"):
+            found = lipschitz_lower_bounds(loaded.graph, torch.rand(64, *loaded.input_shape, generator=torch.Generator().manual_seed(0)), normalization=normalization)
+        k = result.margin_matrix
+        off = ~np.eye(len(k), dtype=bool)
+        ratios = k[off] / np.maximum(np.asarray(found["margin_lower"])[off], 1e-300)
+        out.print(f"empirical lower bound {found['global_lower']:.6g} → upper ÷ lower = {result.lipschitz / found['global_lower']:.3f} (global); "
+                  f"margin K ÷ lower: median {np.median(ratios):.3f}, min {ratios.min():.3f}")
     if not result.all_converged:
         err.print("[yellow]warning:[/] power iteration did not converge on every block (raise --max-iter); the guaranteed bound is unaffected")
 
@@ -230,6 +244,57 @@ def compare_rs(
     table.add_row("guarantee", *(row["guarantee"] for row in result.table))
     out.print(table)
     out.print(f"smoothing costs {result.summary['speed_ratio_smoothing_over_gloro']:.3g}× GloRo's time per sample")
+
+
+@app.command()
+def audit(
+    model: ModelArg,
+    data: Annotated[str, typer.Option("--data", help="Dataset, as for certify.")] = "mnist-5k",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Samples to certify and attack.")] = 200,
+    split: Annotated[str, typer.Option("--split", help="train or test (built-in datasets).")] = "test",
+    bound_path: Annotated[Optional[Path], typer.Option("--bound", help="Bound JSON (default: next to the model).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Steps per attack.")] = 100,
+    restarts: Annotated[int, typer.Option("--restarts", help="Random restarts of the fixed-budget PGD attack.")] = 2,
+    seed: Annotated[int, typer.Option("--seed", help="Attack seed.")] = 0,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory for audit.json and one .npz per violation.")] = None,
+    mean: Annotated[Optional[str], typer.Option("--mean", help="Normalisation applied outside the model.")] = None,
+    std: Annotated[Optional[str], typer.Option("--std", help="Its per-channel std.")] = None,
+    input_shape: InputShape = None,
+    trust_pickle: TrustPickle = False,
+) -> None:
+    """Attack every certified sample inside its certified radius; exit 1 if any attack succeeds (a violation).
+
+    Minimum-norm (FMN, DDN) and fixed-budget PGD attacks from foolbox, seeded, run on the IR; every
+    adversarial example is re-checked on the native model. Also reports how far the nearest adversarial
+    example lies beyond the certified radius.
+
+    Example: glorocert audit models/mnist-5k-eps0.3/model.onnx --data mnist-5k --limit 200 --out out/audit
+    """
+    from glorocert.audit import audit as run
+    from glorocert.data import open_dataset
+
+    loaded = _load(model, input_shape, trust_pickle)
+    dataset = open_dataset(data, split=split, limit=limit, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), input_shape=loaded.input_shape)
+    with progress_bar() as progress:
+        task = progress.add_task("attacking certified samples", total=dataset.num_samples)
+        result = run(loaded, dataset, bound=bound_path, steps=steps, restarts=restarts, seed=seed, out_dir=out_dir,
+                     progress=lambda k: progress.advance(task, k))
+    s = result.summary
+    table = Table(title=f"audit of {model.name} on {dataset.name}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("samples", str(s["samples"]))
+    table.add_row("certified samples audited", str(s["audited"]))
+    table.add_row("violations", f"[{'red' if s['violations'] else 'green'}]{s['violations']}[/]")
+    table.add_row("adversarial example found", str(s.get("adversarial_found", 0)))
+    if s.get("median_gap_ratio") is not None:
+        table.add_row("median (nearest adversarial ÷ radius)", f"{s['median_gap_ratio']:.3f}")
+        table.add_row("median (nearest adversarial − radius)", f"{s['median_gap']:.4f}")
+    out.print(table)
+    for v in result.violations:
+        err.print(f"[red]VIOLATION[/] sample {v['index']}: adversarial at distance {v['distance']:.6g} < certified radius {v['radius']:.6g}")
+    if result.violations:
+        raise typer.Exit(1)
 
 
 def main() -> None:
