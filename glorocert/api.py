@@ -144,9 +144,22 @@ def certify(
     *,
     bound: Bound | str | Path | None = None,
     batch_size: int = 256,
+    method: str = "gloro",
+    fallback: str = "bcp",
     progress: Callable[[int], None] | None = None,
 ) -> CertifyResult:
-    """Certify every sample of ``data`` at each ε with the frozen bound (see certify/gloro.py for the guarantee)."""
+    """Certify every sample of ``data`` at each ε (see certify/gloro.py for the guarantee).
+
+    ``method``: ``gloro`` — the frozen global bound, one forward pass per batch;
+    ``bcp`` / ``kw`` — local bounds (certify/bcp.py, certify/kw.py) on every
+    sample, radius by bisection; ``cascade`` — gloro on everything, then the
+    ``fallback`` local method only on samples that gloro leaves ⊥ at the
+    largest ε, keeping the larger of the two radii.
+    """
+    if method not in METHODS:
+        raise GlorocertError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    if fallback not in ("bcp", "kw"):
+        raise GlorocertError(f"--fallback {fallback!r}: use bcp or kw")
     eps = sorted({float(e) for e in eps})
     if not eps or any(not np.isfinite(e) or e < 0 for e in eps):
         raise GlorocertError(f"--eps {eps}: give one or more finite, non-negative radii")
@@ -160,7 +173,8 @@ def certify(
     margin_matrix = bound.margin_matrix
     rtol = max(gloro.ROUNDING_RTOL, 4 * model.equivalence_gap)
     shift, scale = _normaliser(normalization, len(model.input_shape))
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("index", "label", "predicted", "runner_up", "margin", "radius")}
+    local = _local_certifier(method, fallback, model, normalization, max(eps))
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("index", "label", "predicted", "runner_up", "margin", "radius", "seconds")}
     forward_seconds = 0.0
     started = time.perf_counter()
     for batch in dataset.batches(batch_size):
@@ -175,6 +189,10 @@ def certify(
             row = int(batch.index[np.argmax(~np.isfinite(logits).all(axis=1))])
             raise GlorocertError(f"{dataset.name}: the model outputs NaN/inf on row {row}")
         predicted, runner_up, margin, radius = gloro.radii(logits, margin_matrix, rtol)
+        seconds = np.zeros(len(radius))
+        if local is not None:
+            radius, seconds = local(batch.x, predicted, radius)
+        parts["seconds"].append(seconds)
         parts["index"].append(batch.index)
         parts["label"].append(batch.y if batch.y is not None else np.full(len(batch.index), -1))
         parts["predicted"].append(predicted)
@@ -193,7 +211,10 @@ def certify(
         rows[f"bottom@{eps_key(e)}"] = gloro.bottom_flags(rows["radius"], e)
         rows[f"certified@{eps_key(e)}"] = rows["correct"] & ~rows[f"bottom@{eps_key(e)}"]
     summary = summarize(rows, eps)
+    if local is not None:
+        summary.update(local.report(rows, eps))
     summary.update(
+        method=method,
         dataset=dataset.name,
         model=str(model.path),
         model_format=model.format,
@@ -211,6 +232,55 @@ def certify(
         versions=versions(),
     )
     return CertifyResult(rows, summary, eps, bound)
+
+
+METHODS = ("gloro", "bcp", "kw", "cascade")
+
+
+class _LocalStage:
+    """Local-bound certification of selected samples (all for bcp/kw, gloro's ⊥ ones for cascade)."""
+
+    def __init__(self, method: str, module, graph, eps_max: float):
+        self.method, self.module, self.graph = method, module, graph
+        self.eps_max = eps_max
+        self.search_max = max(2.0, 2.0 * eps_max)
+        self.samples, self.seconds = 0, 0.0
+        self.rescued_from: dict[int, float] = {}  # index position → gloro radius, for the cascade report
+
+    def __call__(self, x: np.ndarray, predicted: np.ndarray, gloro_radius: np.ndarray):
+        chosen = np.ones(len(x), bool) if self.method != "cascade" else gloro_radius <= self.eps_max
+        radius, seconds = gloro_radius.copy(), np.zeros(len(x))
+        if chosen.any():
+            import torch
+
+            t0 = time.perf_counter()
+            local = self.module.certified_radius(
+                self.graph, torch.from_numpy(x[chosen]), torch.from_numpy(predicted[chosen]), eps_max=self.search_max
+            ).numpy()
+            elapsed = time.perf_counter() - t0
+            radius[chosen] = np.maximum(local, gloro_radius[chosen]) if self.method == "cascade" else local
+            seconds[chosen] = elapsed / chosen.sum()
+            self.samples += int(chosen.sum())
+            self.seconds += elapsed
+        return radius, seconds
+
+    def report(self, rows: dict, eps: list[float]) -> dict:
+        return {"local_method": self.module.__name__.rsplit(".", 1)[-1], "local_samples": self.samples, "local_seconds": self.seconds}
+
+
+def _local_certifier(method: str, fallback: str, model: Model, normalization: dict | None, eps_max: float):
+    if method == "gloro":
+        return None
+    from glorocert.certify import bcp, kw
+
+    graph = model.graph
+    if normalization:
+        channels = graph.input_shape[0]
+        mean = np.broadcast_to(np.asarray(normalization["mean"]), (channels,))
+        std = np.broadcast_to(np.asarray(normalization["std"]), (channels,))
+        graph = graph.with_input_affine(1.0 / std, -mean / std)
+    module = {"bcp": bcp, "kw": kw}[fallback if method == "cascade" else method]
+    return _LocalStage(method, module, graph, eps_max)
 
 
 def _normaliser(normalization: dict | None, rank: int):

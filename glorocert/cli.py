@@ -149,6 +149,8 @@ def certify(
     std: Annotated[Optional[str], typer.Option("--std", help="Its per-channel std.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 256,
     device: Device = "cpu",
+    method: Annotated[str, typer.Option("--method", help="gloro (global bound, one forward pass), bcp or kw (local bounds, per sample), or cascade (gloro, then --fallback on the ⊥ samples).")] = "gloro",
+    fallback: Annotated[str, typer.Option("--fallback", help="Local method the cascade uses: bcp or kw.")] = "bcp",
     fail_under: Annotated[Optional[float], typer.Option("--fail-under", help="Exit 1 when the VRA at the largest ε is below this fraction (e.g. 0.9).")] = None,
     input_shape: InputShape = None,
     trust_pickle: TrustPickle = False,
@@ -170,7 +172,8 @@ def certify(
     )
     with progress_bar() as progress:
         task = progress.add_task("certifying", total=dataset.num_samples)
-        result = run(loaded, dataset, eps_values, bound=bound_path, batch_size=batch_size, progress=lambda n: progress.advance(task, n))
+        result = run(loaded, dataset, eps_values, bound=bound_path, batch_size=batch_size, method=method, fallback=fallback,
+                     progress=lambda n: progress.advance(task, n))
     if out_path:
         from glorocert.api import ROWS_SCHEMA_VERSION
 
@@ -185,6 +188,8 @@ def certify(
         f"{s['num_samples']} samples in {s['seconds']:.2f} s ({s['samples_per_second']:.0f}/s, {s['runner']}); "
         f"Lipschitz {s['lipschitz']:.4g} ({s['bound_mode']}, {s['bound_file']})"
     )
+    if method == "cascade":
+        out.print(f"cascade: {s['local_method']} ran on {s['local_samples']} ⊥ samples in {s['local_seconds']:.2f} s")
     if fail_under is not None:
         vra = s["vra"][max(s["vra"], key=float)]
         if vra < fail_under:
