@@ -4,7 +4,7 @@ These machines are shared and noisy, so every figure that matters is a ratio
 of two things measured in the same run, interleaved: bound ÷ exact spectral
 norm, certify ÷ plain forward pass, smoothing ÷ GloRo. Nothing here asserts.
 
-    python benchmarks/run.py [bounds] [certify] [smoothing]
+    python benchmarks/run.py [bounds] [certify] [local] [smoothing]
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ console = Console()
 
 
 def exact_block_norm(block) -> float | None:
-    """Exact σ_max of a linear block by Lanczos-free dense SVD when affordable, else None."""
-    n, m = np.prod(block.in_shape), np.prod(block.out_shape)
-    if min(n, m) > 6000 or n * m > 1.5e8:
+    """Exact σ_max of a linear block (its Gram matrix, side ≤ 6,300), else None; independent of the bound's path."""
+    if not operators.exact_affordable(block.in_shape, block.out_shape, 6_300):
         return None
-    return operators.spectral_norm_exact(operators.materialise(block.homogeneous, block.in_shape))
+    return operators.norm_from_gram(operators.gram_matrix(block.homogeneous, block.in_shape, block.out_shape))
 
 
 def bench_bounds() -> None:
@@ -57,7 +56,11 @@ def bench_bounds() -> None:
             result = compose(graph)
             seconds = time.perf_counter() - t0
             worst_up, worst_est, methods = 1.0, 1.0, set()
-            for block, b in zip([bl for bl in blocks_of(graph) if bl.linear], [b for b in result.blocks if b.method not in ("relu",)]):
+            by_name = {b.name: b for b in result.blocks}
+            for block in blocks_of(graph):
+                b = by_name.get(block.name)
+                if not block.linear or b is None:
+                    continue
                 methods.add(b.method)
                 exact = exact_block_norm(block)
                 if exact:
@@ -65,7 +68,7 @@ def bench_bounds() -> None:
                     worst_est = min(worst_est, b.estimate / exact)
             table.add_row(arch, "×".join(map(str, shape)), f"{seconds:.1f}", f"{result.global_upper:.5g}",
                           f"{result.global_estimate:.5g}", f"{worst_up:.6f}", f"{worst_est:.6f}", ",".join(sorted(methods)))
-            console.print(table.rows[-1] if False else f"  {arch} {shape}: {seconds:.1f}s")
+            console.print(f"  {arch} {shape}: {seconds:.1f}s")
     console.print(table)
 
 
@@ -114,6 +117,101 @@ def bench_certify(repeats: int = 5) -> None:
     console.print(table)
 
 
+SHIPPED = ROOT / "models" / "mnist-5k-eps0.3" / "model.onnx"
+
+
+def _local_child(method: str, path: str, samples: str, eps: str) -> None:
+    """One certifier on the first ``samples`` test digits; prints VRA, seconds and peak RSS (fresh process)."""
+    import json
+    import resource
+
+    from glorocert.api import certify
+    from glorocert.certify import bcp, kw
+    from glorocert.data import open_dataset
+
+    loaded = load(path)
+    data = open_dataset("mnist-5k", split="test", limit=int(samples))
+    batch = next(data.batches(int(samples)))
+    eps_value = float(eps)
+    t0 = time.perf_counter()
+    if method in ("gloro", "cascade"):
+        result = certify(loaded, data, [eps_value], method=method, fallback="bcp")
+        certified = result.rows[f"certified@{eps_value:g}"]
+    else:
+        predicted = torch.from_numpy(loaded.runner(batch.x).argmax(1))
+        module = {"bcp": bcp, "kw": kw}[method]
+        ok = module.certify(loaded.graph, torch.from_numpy(batch.x), predicted, eps_value).numpy()
+        certified = ok & (predicted.numpy() == batch.y)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"vra": float(np.mean(certified)), "seconds": seconds,
+                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def bench_local(samples: int = 1000, kw_samples: int = 100, eps: float = 0.3) -> None:
+    """gloro vs BCP vs KW vs cascade on the shipped MNIST model: certification at one ε (GloRo paper, Fig. 4b)."""
+    import json
+    import subprocess
+
+    if not SHIPPED.exists():
+        console.print(f"[yellow]skipping local comparison: {SHIPPED} is missing[/]")
+        return
+    table = Table(title=f"certifiers on {SHIPPED.parent.name}, mnist-5k test, ε={eps} (each in a fresh process)")
+    for col in ("method", "samples", "clean→VRA", "seconds", "s/sample", "× gloro time/sample", "peak RSS"):
+        table.add_column(col)
+    results = {}
+    for method in ("gloro", "bcp", "kw", "cascade"):
+        n = kw_samples if method == "kw" else samples
+        done = subprocess.run([sys.executable, __file__, "_local", method, str(SHIPPED), str(n), str(eps)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            table.add_row(method, str(n), "failed: " + done.stderr.strip().splitlines()[-1][:60], "", "", "", "")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        results[method] = (r, n)
+        base = results["gloro"][0]["seconds"] / results["gloro"][1] if "gloro" in results else None
+        per = r["seconds"] / n
+        table.add_row(method, str(n), f"{100 * r['vra']:.1f}%", f"{r['seconds']:.2f}", f"{per:.2e}",
+                      f"{per / base:.0f}×" if base else "", f"{r['rss'] / 2**20:.0f} MiB")
+    console.print(table)
+
+
+def bench_smoothing(samples: int = 10, n_measured: int = 10_000, sigma: float = 0.25) -> None:
+    """Smoothing CERTIFY vs the bare noisy forward passes it needs, and vs GloRo per sample."""
+    from glorocert.api import certify
+    from glorocert.certify.smoothing import Smooth
+    from glorocert.data import open_dataset
+
+    if not SHIPPED.exists():
+        console.print(f"[yellow]skipping smoothing: {SHIPPED} is missing[/]")
+        return
+    loaded = load(SHIPPED)
+    data = open_dataset("mnist-5k", split="test", limit=samples)
+    batch = next(data.batches(samples))
+    smooth = Smooth(loaded.runner.torch, 10, sigma, batch_size=1000)
+    n0 = 100
+    certify_s, bare_s = [], []
+    for k in range(samples):
+        x = torch.from_numpy(batch.x[k])
+        t0 = time.perf_counter()
+        smooth.certify(x, n0, n_measured, 0.001, torch.Generator().manual_seed(k))
+        certify_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for size in [n0] + [1000] * (n_measured // 1000):  # the same noisy passes, nothing else
+            loaded.runner.torch(x[None] + sigma * torch.randn(size, *x.shape))
+        bare_s.append(time.perf_counter() - t0)
+    gloro = certify(loaded, open_dataset("mnist-5k", split="test"), [0.3])
+    gloro_per = gloro.summary["seconds"] / gloro.summary["num_samples"]
+    per_100k = statistics.median(certify_s) * 100_000 / n_measured
+    table = Table(title=f"randomized smoothing on {SHIPPED.parent.name} (σ={sigma}, measured at n={n_measured}, extrapolated to n=100,000)")
+    for col in ("quantity", "value"):
+        table.add_column(col)
+    table.add_row("CERTIFY ÷ bare noisy forward passes", f"{statistics.median(certify_s) / statistics.median(bare_s):.3f}×")
+    table.add_row("smoothing s/sample at n=100,000 (extrapolated, linear in n)", f"{per_100k:.2f}")
+    table.add_row("GloRo s/sample (1000 test digits, batched)", f"{gloro_per:.2e}")
+    table.add_row("smoothing ÷ GloRo per sample", f"{per_100k / gloro_per:.3g}×")
+    console.print(table)
+
+
 def peak_rss(mode: str, path: Path) -> int:
     """Peak resident memory (bytes) of a fresh process that loads the data and runs ``mode`` once."""
     import subprocess
@@ -138,11 +236,14 @@ def _rss_child(mode: str, path: str) -> None:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-SECTIONS = {"bounds": bench_bounds, "certify": bench_certify}
+SECTIONS = {"bounds": bench_bounds, "certify": bench_certify, "local": bench_local, "smoothing": bench_smoothing}
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_rss"]:
         _rss_child(*sys.argv[2:4])
+        sys.exit(0)
+    if sys.argv[1:2] == ["_local"]:
+        _local_child(*sys.argv[2:6])
         sys.exit(0)
     chosen = sys.argv[1:] or list(SECTIONS)
     for name in chosen:
