@@ -44,7 +44,7 @@ def compute_bound(
     model: Model,
     *,
     mode: str = "sound",
-    tol: float = 1e-7,
+    tol: float = 1e-4,
     max_iter: int = 5000,
     exact_side: int = EXACT_MAX_SIDE,
     normalization: dict | None = None,

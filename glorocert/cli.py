@@ -65,7 +65,7 @@ def bound(
     input_shape: InputShape = None,
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Where to write the bound JSON (default: MODEL.bound.json next to the model).")] = None,
     mode: Annotated[str, typer.Option("--mode", help="sound: guaranteed upper bounds (default). estimate: power iteration only, as in the GloRo paper — NOT a certificate.")] = "sound",
-    tol: Annotated[float, typer.Option("--tol", help="Power-iteration convergence: relative change of the estimate per iteration.")] = 1e-7,
+    tol: Annotated[float, typer.Option("--tol", help="Power-iteration convergence: relative eigen-residual ‖AᵀAx − λx‖/λ.")] = 1e-4,
     max_iter: Annotated[int, typer.Option("--max-iter", help="Power-iteration cap per operator.")] = 5000,
     lower: Annotated[bool, typer.Option("--lower", help="Also search for an empirical LOWER bound (largest local Jacobian norm found on mnist-style random inputs) and report upper ÷ lower.")] = False,
     exact_side: Annotated[int, typer.Option("--exact-side", help="Bound a linear block exactly when its smaller side has at most this many units (cost grows as its cube); larger convolutions get the circulant bound.")] = 2048,
@@ -81,6 +81,7 @@ def bound(
     from glorocert.api import compute_bound, normalization_of
     from glorocert.lipschitz.boundfile import default_path
 
+    _check_outputs(json_=out_path)
     loaded = _load(model, input_shape, trust_pickle, device)
     normalization = normalization_of(_floats(mean, "--mean"), _floats(std, "--std"))
     with progress_bar() as progress:
@@ -89,7 +90,7 @@ def bound(
             loaded, mode=mode, tol=tol, max_iter=max_iter, exact_side=exact_side, normalization=normalization,
             progress=lambda name: progress.update(task, completed=_position(loaded.graph, name), description=f"bounding {name}"),
         )
-    path = result.save(out_path or default_path(model))
+    path = result.save(out_path or default_path(model))  # atomic: Ctrl-C leaves no half-written bound
     table = Table(title=f"Lipschitz bounds of {model.name} ({result.mode})", title_justify="left")
     for col in ("#", "operator", "output", "estimate", "upper bound", "slack", "iters", "method"):
         table.add_column(col, justify="left" if col in ("operator", "method") else "right", overflow="fold")
@@ -115,6 +116,15 @@ def bound(
                   f"margin K ÷ lower: median {np.median(ratios):.3f}, min {ratios.min():.3f}")
     if not result.all_converged:
         err.print("[yellow]warning:[/] power iteration did not converge on every block (raise --max-iter); the guaranteed bound is unaffected")
+
+
+def _check_outputs(rows: Path | None = None, json_: Path | None = None, plot: Path | None = None) -> None:
+    """Refuse unknown output formats before any work is done (nothing is written on a usage error)."""
+    from glorocert.results import PLOT_FORMATS, ROW_FORMATS
+
+    for path, formats in ((rows, ROW_FORMATS), (json_, (".json",)), (plot, PLOT_FORMATS)):
+        if path is not None and path.suffix.lower() not in formats:
+            raise GlorocertError(f"{path}: unknown format {path.suffix or '(no extension)'}; use one of {', '.join(formats)}")
 
 
 def _position(graph, name: str) -> int:
@@ -164,6 +174,7 @@ def certify(
     from glorocert.results import summary_table, write_json, write_rows
 
     eps_values = _floats(eps, "--eps")
+    _check_outputs(rows=out_path, json_=summary_path, plot=plot)
     loaded = _load(model, input_shape, trust_pickle, device)
     dataset = open_dataset(
         data, split=split, labels=str(labels) if labels else None, layout=layout, scale=scale,
@@ -228,6 +239,7 @@ def compare_rs(
 
     if resume and out_dir is None:
         raise GlorocertError("--resume needs --out DIR (where the interrupted run wrote its rows)")
+    _check_outputs(plot=plot)
     gloro_loaded = _load(gloro_model, input_shape, trust_pickle, device)
     base_loaded = _load(base, input_shape, trust_pickle, device) if base else gloro_loaded
     dataset = open_dataset(data, split=split, limit=limit, input_shape=gloro_loaded.input_shape)
@@ -319,13 +331,13 @@ def main() -> None:
     except typer.Abort:
         err.print("aborted")
         sys.exit(130)
-    except Exception as e:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # usage errors (typer's own click) arrive here in standalone_mode=False
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
         raise
+    if code == 130:  # typer turns Ctrl-C into Exit(130) inside app()
+        err.print("interrupted; no partial output was written")
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -413,7 +413,7 @@ def test_gloro_onnx_argmax_matches_the_certify_rule(tmp_path):
     K = (K + K.T) / 2
     np.fill_diagonal(K, 0)
     eps = 0.2
-    out = export_gloro_onnx(onnx_path, K, eps, tmp_path / "gloro.onnx")
+    out = export_gloro_onnx(onnx_path, K, eps, tmp_path / "gloro.onnx", rounding_rtol=0.0)
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     plain = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -434,7 +434,7 @@ def test_gloro_onnx_ties_go_to_bottom(tmp_path):
     model = nn.Sequential(nn.Flatten()).eval()
     onnx_path = export_onnx(model, (1, 1, 3), tmp_path / "id.onnx")
     K = np.array([[0, 1.0, 1.0], [1.0, 0, 1.0], [1.0, 1.0, 0]])
-    out = export_gloro_onnx(onnx_path, K, 0.5, tmp_path / "gloro.onnx")
+    out = export_gloro_onnx(onnx_path, K, 0.5, tmp_path / "gloro.onnx", rounding_rtol=0.0)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = np.array([
         [2.0, 2.0, 0.0],     # tie in the top logits → ⊥
@@ -449,6 +449,33 @@ def test_gloro_onnx_ties_go_to_bottom(tmp_path):
     assert expected.tolist() == [3, 3, 0, 3, 3]
 
 
+def test_gloro_onnx_applies_certifys_rounding_slack(tmp_path):
+    """With the default slack the ONNX argmax is certify's ⊥ rule (glorocert.certify.gloro)."""
+    import onnxruntime as ort
+
+    from glorocert.certify import gloro
+
+    model = nn.Sequential(nn.Flatten()).eval()
+    onnx_path = export_onnx(model, (1, 1, 4), tmp_path / "id.onnx")
+    rng = np.random.default_rng(1)
+    K = rng.uniform(0.5, 2.0, size=(4, 4))
+    np.fill_diagonal(K, 0)
+    eps = 0.25
+    out = export_gloro_onnx(onnx_path, K, eps, tmp_path / "gloro.onnx")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    y = rng.normal(size=(2000, 4)).astype(np.float32) * 3
+    # samples right at the boundary: margin to class 1 exactly ε·K (± far less than the slack)
+    j = y.argmax(axis=1)
+    y[:200, 1] = (y[np.arange(200), j[:200]] - eps * K[j[:200], 1] + 1e-7).astype(np.float32)
+    y[:200, 1] = np.where(j[:200] == 1, y[:200, 0], y[:200, 1])
+    scores = session.run(None, {"input": y[:, None, None, :]})[0]
+    predicted, _, _, radius = gloro.radii(y, K)
+    bottom = gloro.bottom_flags(radius, eps)
+    expected = np.where(bottom, 4, predicted)
+    np.testing.assert_array_equal(scores.argmax(axis=1), expected)
+    assert 0 < bottom.sum() < len(bottom)
+
+
 def test_gloro_onnx_refuses_a_mismatched_margin_matrix(tmp_path):
     model = nn.Sequential(nn.Flatten(), nn.Linear(3, 4)).eval()
     onnx_path = export_onnx(model, (1, 1, 3), tmp_path / "m.onnx")
@@ -456,3 +483,43 @@ def test_gloro_onnx_refuses_a_mismatched_margin_matrix(tmp_path):
         export_gloro_onnx(onnx_path, np.zeros((3, 3)), 0.1, tmp_path / "g.onnx")
     with pytest.raises(GlorocertError, match="non-negative"):
         export_gloro_onnx(onnx_path, -np.ones((4, 4)), 0.1, tmp_path / "g.onnx")
+
+
+def test_trained_model_gloro_onnx_matches_certify_rows_and_bound_exceeds_estimate(digits, tmp_path):
+    """End to end: train → frozen sound bound → GloRo ONNX; ORT argmax == `certify`'s rows."""
+    import onnxruntime as ort
+
+    from glorocert import api
+    from glorocert.certify.gloro import ROUNDING_RTOL
+    from glorocert.data import open_dataset
+    from glorocert.lipschitz.boundfile import Bound
+    from glorocert.results import eps_key
+
+    x_train, y_train, x_val, y_val = digits
+    out = tmp_path / "run"
+    result = train(_small_config(epochs=4, batch_size=32, lr=5e-3, activation="minmax", data="digits",
+                                 out_dir=str(out)), x_train, y_train, x_val, y_val)
+    bound = Bound.load(out / "model.onnx.bound.json")
+    # the frozen sound margin matrix can never be below the training-time power-iteration estimate
+    assert np.all(bound.margin_matrix >= result.margin_lipschitz_estimate * (1 - 1e-6))
+    assert result.vra_sound is not None and result.vra_sound <= result.vra_estimate
+
+    model = api.load(out / "model.onnx")
+    eps = 0.3
+    dataset = open_dataset("digits", split="test")
+    certified = api.certify(model, dataset, [eps])  # finds model.onnx.bound.json by itself
+    assert certified.summary["bound_file"] == str(out / "model.onnx.bound.json")
+    rows = certified.rows
+    gloro_path = export_gloro_onnx(out / "model.onnx", bound.margin_matrix, eps, tmp_path / "gloro.onnx",
+                                   rounding_rtol=max(ROUNDING_RTOL, 4 * model.equivalence_gap))
+    session = ort.InferenceSession(str(gloro_path), providers=["CPUExecutionProvider"])
+    x = np.concatenate([b.x for b in dataset.batches(512)])
+    argmax = session.run(None, {"input": x})[0].argmax(axis=1)
+    expected = np.where(rows[f"bottom@{eps_key(eps)}"], 10, rows["predicted"])
+    np.testing.assert_array_equal(argmax, expected)
+    assert 0 < (argmax == 10).sum() < len(argmax)
+
+    # the card's sound VRA is exactly what `glorocert certify` reports on the held-out samples
+    np.savez(tmp_path / "held_out.npz", x=x_val.numpy(), y=y_val.numpy())
+    summary = api.certify(model, open_dataset(tmp_path / "held_out.npz"), [eps]).summary
+    assert summary["vra"][eps_key(eps)] == pytest.approx(result.vra_sound, abs=0)

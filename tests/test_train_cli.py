@@ -6,26 +6,11 @@ import csv
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
+from glorocert.cli import app
 from glorocert.errors import GlorocertError
 from glorocert.train.architectures import load_checkpoint
-from glorocert.train.cli_command import train_command
-
-
-def _app() -> typer.Typer:
-    try:  # the real app, once glorocert/cli.py registers the command
-        from glorocert.cli import app
-
-        if any(getattr(c, "name", None) == "train" for c in app.registered_commands):
-            return app
-    except ImportError:
-        pass
-    app = typer.Typer()
-    app.command("train")(train_command)
-    app.command("noop")(lambda: None)  # keep "train" a sub-command
-    return app
 
 
 @pytest.fixture(autouse=True)
@@ -41,25 +26,34 @@ def test_train_command_writes_model_card_and_log(tmp_path):
     args = ["train", "--data", "digits", "--eps", "0.3", "--arch", "2c2f", "--activation", "minmax",
             "--loss", "trades", "--lam", "1", "--epochs", "2", "--batch-size", "64", "--limit", "256",
             "--out", str(out)]
-    result = CliRunner().invoke(_app(), args)
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     for name in ("model.safetensors", "model.onnx", "model.ts.pt", "card.md", "log.csv"):
         assert (out / name).exists(), name
     card = (out / "card.md").read_text()
     assert "glorocert train --arch 2c2f --activation minmax" in card
-    assert "digits: the built-in train split" in card
+    assert "`digits` — the built-in train split (1438)" in card
+    assert "training limited to the first 256 samples" in card
     with open(out / "log.csv") as handle:
-        assert len(list(csv.DictReader(handle))) == 2
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2
     _, spec = load_checkpoint(out / "model.safetensors")
     assert spec["input_shape"] == [1, 8, 8]
 
-    again = CliRunner().invoke(_app(), args)
+    from glorocert.train.outputs import finalize
+
+    (out / "card.md").unlink()
+    refreshed = finalize(out)  # what the lead's API adds later: bound + sound VRA + card
+    assert (out / "card.md").exists()
+    assert refreshed.clean_acc == pytest.approx(float(rows[-1]["clean_acc"]), abs=1e-6)
+
+    again = CliRunner().invoke(app, args)
     assert again.exit_code != 0
     assert isinstance(again.exception, GlorocertError) or "--resume" in again.output
 
 
 def test_unknown_schedule_is_a_user_error(tmp_path):
-    result = CliRunner().invoke(_app(), ["train", "--data", "digits", "--eps", "0.3", "--out", str(tmp_path / "x"),
+    result = CliRunner().invoke(app, ["train", "--data", "digits", "--eps", "0.3", "--out", str(tmp_path / "x"),
                                          "--eps-schedule", "linear_from_0.1"])
     assert result.exit_code != 0
     message = str(result.exception) + result.output

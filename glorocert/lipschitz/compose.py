@@ -119,10 +119,11 @@ def fold_scales(nodes: list[Node]) -> list:
 
 
 def _channel_scale(affine: Affine, channels: int, spatial_dims: int) -> torch.Tensor | None:
+    """The scale as a per-channel vector, when it is one: a scalar or shape (C, 1, …, 1) exactly."""
     s = affine.scale.to(torch.float64)
-    if s.numel() == 1:
+    if s.numel() == 1 and s.dim() <= 1 + spatial_dims:
         return s.reshape(1).expand(channels)
-    if s.numel() == channels and (s.dim() <= 1 + spatial_dims) and s.shape[0] == channels:
+    if tuple(s.shape) == (channels,) + (1,) * spatial_dims:
         return s.reshape(channels)
     return None
 
@@ -146,9 +147,8 @@ def _merge(a, b):
         s = _channel_scale(a, b.weight.shape[1], 0)
         if s is not None:
             return Linear(b.weight.double() * s.view(1, -1))
-    if isinstance(a, Affine) and isinstance(b, Affine):
-        if a.scale.numel() == 1 or b.scale.numel() == 1 or a.scale.shape == b.scale.shape:
-            return Affine(a.scale.double() * b.scale.double(), torch.zeros(()))
+    if isinstance(a, Affine) and isinstance(b, Affine) and a.scale.shape == b.scale.shape:
+        return Affine(a.scale.double() * b.scale.double(), torch.zeros(()))
     return None
 
 
@@ -191,7 +191,7 @@ def nonlinear_constant(block: Block) -> tuple[float, str]:
 def compose(
     graph: Graph,
     *,
-    tol: float = 1e-7,
+    tol: float = 1e-4,
     max_iter: int = 5000,
     exact_side: int = ops_bounds.EXACT_MAX_SIDE,
     progress: Callable[[str], None] | None = None,

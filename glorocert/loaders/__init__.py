@@ -103,9 +103,9 @@ def load(
             notes.append(runner.note)
         fmt = "onnx"
     else:
-        module, shape, fmt = _load_torch(path, input_shape, trust_pickle)
-        graph = onnx_to_graph(torch_to_onnx(module, shape), shape)
-        runner = TorchRunner(module, device)
+        module, shape, fmt, static_batch, exportable = _load_torch(path, input_shape, trust_pickle)
+        graph = onnx_to_graph(torch_to_onnx(exportable, shape), shape)
+        runner = TorchRunner(module, device, static_batch)
     gap = check_equivalence(graph, runner, path)
     return Model(path, sha256_of(path), fmt, graph, runner, notes, gap)
 
@@ -125,7 +125,7 @@ def _load_torch(path: Path, input_shape, trust_pickle: bool):
         shape = tuple(spec["input_shape"])
         if input_shape and tuple(input_shape) != shape:
             raise GlorocertError(f"--input-shape {input_shape} differs from the checkpoint's {shape}")
-        return module, shape, "checkpoint"
+        return module, shape, "checkpoint", None, module
     if suffix == ".pt2":
         try:
             program = torch.export.load(str(path))
@@ -136,8 +136,12 @@ def _load_torch(path: Path, input_shape, trust_pickle: bool):
         vals = [n.meta["val"] for n in placeholders if n.name in user_inputs]
         if len(vals) != 1:
             raise GlorocertError(f"{path}: the exported program takes {len(vals)} inputs; glorocert certifies single-input classifiers")
-        shape = tuple(input_shape or (int(d) for d in vals[0].shape[1:]))
-        return program.module(), shape, "torch.export"
+        shape = tuple(int(d) for d in vals[0].shape[1:])
+        if input_shape and tuple(input_shape) != shape:
+            raise GlorocertError(f"--input-shape {input_shape} differs from the exported program's {shape}")
+        batch = vals[0].shape[0]
+        static_batch = batch if isinstance(batch, int) else None  # a SymInt when exported with a dynamic batch
+        return program.module(), shape, "torch.export", static_batch, program
     if not zipfile.is_zipfile(path):
         raise GlorocertError(f"{path}: not a TorchScript/torch archive (not a zip file); is it truncated, or another format?")
     with zipfile.ZipFile(path) as z:
@@ -149,7 +153,7 @@ def _load_torch(path: Path, input_shape, trust_pickle: bool):
             raise GlorocertError(f"{path}: corrupt TorchScript archive ({str(e).splitlines()[0][:200]})") from None
         if input_shape is None:
             raise GlorocertError(f"{path}: TorchScript does not record the input shape; pass --input-shape C,H,W (e.g. 1,28,28)")
-        return module, tuple(input_shape), "torchscript"
+        return module, tuple(input_shape), "torchscript", None, module
     return _load_pickle(path, input_shape, trust_pickle)
 
 
@@ -171,11 +175,11 @@ def _load_pickle(path: Path, input_shape, trust_pickle: bool):
         raise GlorocertError(f"{path}: unpickled a {type(obj).__name__}, not an nn.Module")
     if input_shape is None:
         raise GlorocertError(f"{path}: a pickled module does not record its input shape; pass --input-shape C,H,W")
-    return obj, tuple(input_shape), "pickle"
+    return obj, tuple(input_shape), "pickle", None, obj
 
 
 def torch_to_onnx(module, input_shape: tuple[int, ...]):
-    """Export a torch module / exported program to an in-memory ONNX model (the IR's one converter)."""
+    """Export a torch module or an ExportedProgram to an in-memory ONNX model (the IR's one converter)."""
     import onnx
 
     example = (torch.zeros(1, *input_shape),)
@@ -183,9 +187,11 @@ def torch_to_onnx(module, input_shape: tuple[int, ...]):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            if isinstance(module, torch.fx.GraphModule):  # from torch.export: the legacy exporter cannot trace it
-                program = torch.export.export(module, example)
-                torch.onnx.export(program, example, buffer, dynamo=True, opset_version=18, verbose=False, optimize=True)
+            if isinstance(module, torch.export.ExportedProgram):  # exported as it was saved (its own batch)
+                import logging
+
+                logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+                torch.onnx.export(module, (), buffer, dynamo=True, opset_version=18, verbose=False, optimize=True)
             else:
                 torch.onnx.export(
                     module.eval() if hasattr(module, "eval") else module, example, buffer, dynamo=False,

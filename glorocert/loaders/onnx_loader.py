@@ -51,11 +51,19 @@ def _static_shape(value_info) -> list[int | None]:
 
 
 def input_shape_of(model: onnx.ModelProto) -> tuple[str, tuple[int | None, ...]]:
+    name, shape = _input(model)
+    return name, tuple(shape[1:])
+
+
+def _input(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
         raise GlorocertError(f"the model has {len(inputs)} inputs ({[i.name for i in inputs]}); glorocert certifies single-input classifiers")
-    return inputs[0].name, tuple(_static_shape(inputs[0])[1:])
+    shape = _static_shape(inputs[0])
+    if not shape:
+        raise GlorocertError("the model's input has no declared rank; re-export it with its input shape")
+    return inputs[0].name, shape
 
 
 class _Converter:
@@ -67,9 +75,11 @@ class _Converter:
         if len(declared) != len(input_shape) or any(d not in (None, s) for d, s in zip(declared, input_shape)):
             raise GlorocertError(f"input shape {input_shape} does not match the model's declared input {declared}")
         validate_shapes(model, input_shape)
-        # shapes are tracked by running each converted op on a batch of TRACE_BATCH zeros, so
-        # Shape arithmetic folds to constants and a Reshape that mixes samples is caught
-        self.values: dict[str, torch.Tensor] = {self.input_name: torch.zeros(TRACE_BATCH, *input_shape, dtype=torch.float64)}
+        # shapes are tracked by running each converted op on a batch of zeros (the model's own batch size
+        # when it fixes one, else TRACE_BATCH), so Shape arithmetic folds to constants and a Reshape that
+        # mixes samples is caught
+        self.batch = _input(model)[1][0] or TRACE_BATCH
+        self.values: dict[str, torch.Tensor] = {self.input_name: torch.zeros(self.batch, *input_shape, dtype=torch.float64)}
         self.nodes: list[Node] = []
         self.alias: dict[str, str] = {}  # ONNX tensor name → IR tensor name
         self.views: dict[str, tuple[str, int, int, int, int]] = {}  # Split/Slice outputs: (source, axis, start, stop, size)
@@ -221,6 +231,8 @@ class _Converter:
             self.pool(node, op, a, name, out)
         elif op == "GlobalAveragePool":
             self.emit(out, GlobalAvgPool(), x)
+        elif op == "ReduceMean":
+            self.reduce_mean(node, a, name, out)
         elif op == "Concat":
             axis = a["axis"] % len(self.shape(x))
             if axis == 0:
@@ -290,6 +302,20 @@ class _Converter:
             raise UnsupportedOperator(op, name, "dividing a constant by a tensor is not Lipschitz")
         self.emit(out, affine, t)
 
+    def reduce_mean(self, node, a, name, out):
+        """ReduceMean over the two spatial axes (how torch.export writes global average pooling)."""
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = [int(v) for v in self.consts[node.input[1]]]
+        rank = len(self.shape(node.input[0]))
+        if rank != 4 or axes is None or sorted(int(v) % rank for v in axes) != [2, 3]:
+            raise UnsupportedOperator("ReduceMean", name, "only a mean over the two spatial axes (global average pooling) is supported")
+        if a.get("keepdims", 1):
+            return self.emit(out, GlobalAvgPool(), node.input[0])
+        pooled = out + "/pooled"
+        self.emit(pooled, GlobalAvgPool(), node.input[0])
+        self.emit(out, Reshape((self.shape(node.input[0])[1],)), pooled)
+
     def reshape(self, node, a, name, out):
         if not self.is_const(node.input[1]):
             raise UnsupportedOperator("Reshape", name, "its target shape is not a constant")
@@ -301,7 +327,7 @@ class _Converter:
             target = tuple(self.values[node.input[0]].reshape(dims).shape)
         except RuntimeError:
             raise GlorocertError(f"Reshape {name!r}: cannot reshape {source[1:]} to {dims[1:]}") from None
-        if target[0] != TRACE_BATCH:
+        if target[0] != self.batch:
             raise UnsupportedOperator("Reshape", name, "it mixes samples of the batch (is the batch size fixed in the export?)")
         self.emit(out, Reshape(target[1:]), node.input[0])
 

@@ -19,22 +19,45 @@ def resolve_device(device: str) -> tuple[str, str | None]:
     raise GlorocertError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
 
 
+def in_chunks(run, x, static_batch: int | None):
+    """Run a model whose batch size is fixed at ``static_batch`` on any batch: chunk, pad the last chunk."""
+    if not static_batch or len(x) == static_batch:
+        return run(x)
+    outputs = []
+    for start in range(0, len(x), static_batch):
+        chunk = x[start : start + static_batch]
+        missing = static_batch - len(chunk)
+        if missing:
+            pad = chunk[:1].repeat(missing, *[1] * (chunk.dim() - 1)) if isinstance(chunk, torch.Tensor) else np.repeat(chunk[:1], missing, 0)
+            chunk = torch.cat([chunk, pad]) if isinstance(chunk, torch.Tensor) else np.concatenate([chunk, pad])
+        outputs.append(run(chunk)[: static_batch - missing])
+    return torch.cat(outputs) if isinstance(outputs[0], torch.Tensor) else np.concatenate(outputs)
+
+
 class TorchRunner:
     """A torch module in eval mode on a device; float32 in, float32 logits out."""
 
     kind = "torch"
 
-    def __init__(self, module: torch.nn.Module, device: str = "cpu"):
+    def __init__(self, module: torch.nn.Module, device: str = "cpu", static_batch: int | None = None):
         self.device = device
-        self.module = module.eval().to(device) if hasattr(module, "eval") else module
+        self.static_batch = static_batch
+        try:
+            module = module.eval()
+        except NotImplementedError:  # torch.export modules carry no train/eval state
+            pass
+        self.module = module.to(device) if hasattr(module, "to") else module
+        for parameter in getattr(self.module, "parameters", lambda: [])():
+            parameter.requires_grad_(False)
 
     @property
     def description(self) -> str:
         return f"torch {torch.__version__} on {self.device}"
 
     def torch(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.module(x.to(self.device, torch.float32))
+        # no_grad, not inference_mode: TorchScript modules that were exported once reject inference tensors
+        with torch.no_grad():
+            return in_chunks(self.module, x.to(self.device, torch.float32), self.static_batch)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.torch(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float().cpu().numpy()
@@ -60,6 +83,8 @@ class OrtRunner:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(model_bytes, options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
+        batch = self.session.get_inputs()[0].shape[0]
+        self.static_batch = batch if isinstance(batch, int) and batch > 0 else None
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     @property
@@ -69,7 +94,8 @@ class OrtRunner:
         return f"onnxruntime {ort.__version__} ({', '.join(self.session.get_providers())})"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        run = lambda chunk: self.session.run(None, {self.input_name: np.ascontiguousarray(chunk, dtype=np.float32)})[0]  # noqa: E731
+        return in_chunks(run, np.asarray(x), self.static_batch)
 
     def torch(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self(x.detach().cpu().numpy())).to(x.device)

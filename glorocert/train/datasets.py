@@ -68,4 +68,4 @@ def load_training_data(data: str, limit: int | None = None) -> TrainingData:
         split += f"; training limited to the first {len(y_train)} samples"
     xt, yt = _tensors(x_train, y_train)
     xv, yv = _tensors(x_val, y_val)
-    return TrainingData(xt, yt, xv, yv, f"{data}: {split}")
+    return TrainingData(xt, yt, xv, yv, split)

@@ -1,20 +1,21 @@
 """Exports of a trained model: ONNX, TorchScript, and the GloRo ONNX with the ⊥ logit baked in.
 
 :func:`export_gloro_onnx` appends to any classifier's ONNX graph the GloRo
-certification, with the frozen margin matrix as constants, so that *any*
-ONNX runtime certifies by argmax::
+certification rule of :mod:`glorocert.certify.gloro`, with the frozen margin
+matrix as constants, so that *any* ONNX runtime certifies by argmax::
 
-    j      = ArgMax(y)                         first index on ties
-    y_⊥    = max_{i≠j} ( y_i + ε·K[j, i] )     rounded upwards (see below)
-    output = [y_0 … y_{C−1}, y_⊥']             shape (N, C + 1)
+    j      = ArgMax(y)                                   first index on ties
+    slack  = rtol · (1 + max_i |y_i|)                    float rounding budget
+    y_⊥    = max_{i≠j} ( y_i + ε·K[j, i] ) + slack
+    output = [y_0 … y_{C−1}, y_⊥']                       shape (N, C + 1)
 
-where ``y_⊥' > y_j`` whenever ``y_⊥ ≥ y_j`` (so argmax is ⊥, index C, on
+with ``y_⊥' > y_j`` whenever ``y_⊥ ≥ y_j`` (so the argmax is ⊥, index C, on
 every tie between ⊥ and the top logit) and ``y_⊥' = y_⊥ < y_j`` otherwise.
-The prediction is certified (argmax ≠ C) exactly when
-``min_{i≠j} (y_j − y_i) / K[j, i] > ε`` up to float32 rounding, and every
-rounding step is pushed towards ⊥: ``ε·K`` is rounded up to float32 and the
-float32 sum ``y_i + ε·K[j, i]`` is inflated by a relative ``2⁻²⁰`` (more
-than the half-ulp rounding error of the sum).
+The argmax is not ⊥ exactly when ``min_{i≠j} (y_j − y_i − slack) / K[j, i] > ε``
+— certify's rule — up to float32 rounding, and every rounding step is pushed
+towards ⊥: ``ε·K`` is rounded up to float32 and the float32 sums are inflated
+by a relative ``2⁻²⁰`` (more than their half-ulp rounding error). With
+``rounding_rtol=0`` the rule is the paper's plain ``y_⊥ ≥ y_j``.
 """
 
 from __future__ import annotations
@@ -74,8 +75,14 @@ def export_gloro_onnx(
     margin_matrix,
     eps: float,
     out_path: str | os.PathLike,
+    rounding_rtol: float | None = None,
 ) -> Path:
     """Write an ONNX model whose single output is the C logits plus the ⊥ logit (N×(C+1)).
+
+    ``rounding_rtol`` is the margin slack relative to ``1 + max|y|``; by
+    default :data:`glorocert.certify.gloro.ROUNDING_RTOL`, as ``certify``
+    uses (pass ``max(ROUNDING_RTOL, 4·model.equivalence_gap)`` to match a
+    loaded model exactly).
 
     ``margin_matrix[j][i]`` must bound the Lipschitz constant of ``y_j − y_i``
     (the frozen bound's margin matrix); ``eps`` is the l2 radius. The
@@ -100,6 +107,12 @@ def export_gloro_onnx(
         raise GlorocertError("margin matrix must be finite and non-negative")
     if not (eps >= 0 and np.isfinite(eps)):
         raise GlorocertError(f"eps must be a finite number >= 0, got {eps}")
+    if rounding_rtol is None:
+        from glorocert.certify.gloro import ROUNDING_RTOL
+
+        rounding_rtol = ROUNDING_RTOL
+    if not (rounding_rtol >= 0 and np.isfinite(rounding_rtol)):
+        raise GlorocertError(f"rounding_rtol must be a finite number >= 0, got {rounding_rtol}")
     num_classes = K.shape[0]
     logits_info = graph.output[0]
     dims = logits_info.type.tensor_type.shape.dim
@@ -123,10 +136,18 @@ def export_gloro_onnx(
         "minus_inf": np.array(-np.inf, dtype=np.float32),
         "slack_rel": np.array(_RELATIVE_SLACK, dtype=np.float32),
         "slack_abs": np.array(_ABSOLUTE_SLACK, dtype=np.float32),
+        "rounding_rtol": _round_up_float32(np.array(rounding_rtol)),
+        "one": np.array(1.0, dtype=np.float32),
         "axis1": np.array([1], dtype=np.int64),
     }
     initializers = [numpy_helper.from_array(v, prefix + k) for k, v in constants.items()]
     c = lambda name: prefix + name  # noqa: E731 - local naming helper
+
+    def reduce_max(source: str, target: str):
+        if opset >= 18:  # axes became an input in opset 18
+            return helper.make_node("ReduceMax", [source, c("axis1")], [target], keepdims=1)
+        return helper.make_node("ReduceMax", [source], [target], axes=[1], keepdims=1)
+
     nodes = [
         # j = first argmax, as (N,) and (N, 1)
         helper.make_node("ArgMax", [logits], [c("j")], axis=1, keepdims=0, select_last_index=0),
@@ -136,17 +157,19 @@ def export_gloro_onnx(
         # candidates y_i + ε K[j, i], with i = j masked out
         helper.make_node("Gather", [c("eps_margin"), c("j")], [c("eps_margin_rows")], axis=0),
         helper.make_node("Add", [logits, c("eps_margin_rows")], [c("candidates")]),
-        helper.make_node("Abs", [c("candidates")], [c("candidates_abs")]),
-        helper.make_node("Mul", [c("candidates_abs"), c("slack_rel")], [c("candidates_slack")]),
-        helper.make_node("Add", [c("candidates"), c("candidates_slack")], [c("candidates_up")]),
         helper.make_node("Equal", [c("class_index"), c("j_col")], [c("is_predicted")]),
-        helper.make_node("Where", [c("is_predicted"), c("minus_inf"), c("candidates_up")], [c("others")]),
-    ]
-    if opset >= 18:
-        nodes.append(helper.make_node("ReduceMax", [c("others"), c("axis1")], [c("bottom")], keepdims=1))
-    else:
-        nodes.append(helper.make_node("ReduceMax", [c("others")], [c("bottom")], axes=[1], keepdims=1))
-    nodes += [
+        helper.make_node("Where", [c("is_predicted"), c("minus_inf"), c("candidates")], [c("others")]),
+        reduce_max(c("others"), c("strongest_other")),
+        # slack = rtol · (1 + max|y|), as certify subtracts it from every margin
+        helper.make_node("Abs", [logits], [c("logits_abs")]),
+        reduce_max(c("logits_abs"), c("logits_scale")),
+        helper.make_node("Add", [c("logits_scale"), c("one")], [c("scale_plus_one")]),
+        helper.make_node("Mul", [c("scale_plus_one"), c("rounding_rtol")], [c("slack")]),
+        helper.make_node("Add", [c("strongest_other"), c("slack")], [c("bottom_raw")]),
+        # push the float32 rounding of the sums towards ⊥
+        helper.make_node("Abs", [c("bottom_raw")], [c("bottom_abs")]),
+        helper.make_node("Mul", [c("bottom_abs"), c("slack_rel")], [c("bottom_up_gap")]),
+        helper.make_node("Add", [c("bottom_raw"), c("bottom_up_gap")], [c("bottom")]),
         # ⊥ must win a tie with y_j: lift it strictly above y_j when y_⊥ ≥ y_j
         helper.make_node("GreaterOrEqual", [c("bottom"), c("top")], [c("is_bottom")]),
         helper.make_node("Abs", [c("top")], [c("top_abs")]),

@@ -36,7 +36,7 @@ import torch
 
 from glorocert.errors import GlorocertError
 from glorocert.train import losses
-from glorocert.train.architectures import build, save_checkpoint, validate_spec
+from glorocert.train.architectures import build, validate_spec
 from glorocert.train.power import PowerIteration
 from glorocert.train.schedules import parse_schedule
 
@@ -48,7 +48,7 @@ LOG_COLUMNS = (
 )
 
 # Fields that may differ between an interrupted run and its --resume.
-_RESUME_FREE_FIELDS = {"resume", "out_dir", "command", "data", "device", "eval_batch_size"}
+_RESUME_FREE_FIELDS = {"resume", "out_dir", "command", "data_description", "device", "eval_batch_size"}
 
 
 @dataclass
@@ -79,7 +79,9 @@ class TrainConfig:
     eval_batch_size: int = 1000
     out_dir: str | None = None
     resume: bool = False
-    data: str = ""                      # description of the data, for the card
+    data: str = ""                      # data spec (e.g. "mnist-5k"), recorded for the card / finalize
+    data_limit: int | None = None       # training samples kept (None: all), recorded likewise
+    data_description: str = ""          # what the card says about the data and the split
     command: str = ""                   # exact command line, for the card
 
     def __post_init__(self) -> None:
@@ -326,7 +328,7 @@ def train(
     on CPU, and writes its outputs there at the end (see module docstring).
 
     Guarantee: none by itself — all metrics here use the power-iteration
-    *estimate*. The frozen sound bound (``model.bound.json``) certifies.
+    *estimate*. The frozen sound bound (``model.onnx.bound.json``) certifies.
     """
     x_train, y_train = _check_data(x_train, y_train, "training")
     x_val, y_val = _check_data(x_val, y_val, "validation")
@@ -346,7 +348,13 @@ def train(
         "input_shape": list(x_train.shape[1:]),
         "num_classes": num_classes,
     })
-    device = torch.device(config.device)
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(config.device)
+        except RuntimeError:
+            raise GlorocertError(f"unknown device {config.device!r}; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         _call(progress, "on_message", "CUDA is not available here; training on the CPU instead")
         device = torch.device("cpu")
@@ -355,12 +363,13 @@ def train(
     previous_rng = torch.get_rng_state()
     try:
         if config.deterministic:
+            if device.type == "cuda":  # cuBLAS needs this for deterministic matmuls
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         return _train(config, spec, device, x_train, y_train, x_val, y_val, progress)
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
-        if config.deterministic:
-            torch.set_rng_state(previous_rng)
+        torch.set_rng_state(previous_rng)  # training seeds torch's RNG; leave the caller's stream as it was
 
 
 def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> TrainResult:
@@ -380,7 +389,10 @@ def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> Tr
         out.mkdir(parents=True, exist_ok=True)
         if config.resume:
             state = _load_state(out, model, optimizer, power)
-            saved = TrainConfig(**state["config"])
+            try:
+                saved = TrainConfig(**state["config"])
+            except TypeError as exc:
+                raise GlorocertError(f"{out / STATE_JSON} was written by another glorocert version ({exc}); cannot resume") from None
             differing = [
                 f.name for f in dataclasses.fields(TrainConfig)
                 if f.name not in _RESUME_FREE_FIELDS
@@ -401,6 +413,8 @@ def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> Tr
             raise GlorocertError(
                 f"{out} already holds a training run; pass --resume to continue it or choose another --out"
             )
+        elif (out / "model.safetensors").exists():
+            raise GlorocertError(f"{out} already holds a trained model; choose another --out (or delete it first)")
     elif config.resume:
         raise GlorocertError("resume needs an output directory")
 

@@ -3,7 +3,8 @@
 ``model.safetensors``  glorocert checkpoint (weights + spec, :func:`load_checkpoint`)
 ``model.onnx``         ONNX opset 17, input ``input``, output ``logits``, dynamic batch
 ``model.ts.pt``        TorchScript (traced)
-``model.bound.json``   the frozen *sound* bound, from :mod:`glorocert.api` (when available)
+``model.onnx.bound.json``  the frozen *sound* bound of model.onnx, from :mod:`glorocert.api`
+                       (where ``glorocert certify model.onnx`` finds it)
 ``log.csv``            one row per epoch (written during training)
 ``card.md``            the model card
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -24,40 +26,62 @@ from glorocert.train.architectures import save_checkpoint
 from glorocert.train.export import export_onnx, export_torchscript
 
 
-def _compute_sound_bound(onnx_path: Path, bound_path: Path):
-    """Frozen bound through the public API; returns the Bound or raises with the reason."""
-    import glorocert.api as api  # noqa: PLC0415 - optional until the API lands
+def bound_path_for(onnx_path: Path) -> Path:
+    """Where ``glorocert certify`` looks for the frozen bound of ``onnx_path`` (``model.onnx.bound.json``)."""
+    from glorocert.lipschitz.boundfile import default_path
 
-    bound = api.compute_bound(api.load(str(onnx_path)))
-    bound.save(str(bound_path))
-    return bound
+    return default_path(onnx_path)
+
+
+def _sound_bound_and_vra(onnx_path: Path, eps: float, x_val: torch.Tensor, y_val: torch.Tensor):
+    """Freeze the sound bound through the public API and measure the held-out VRA exactly as
+    ``glorocert certify`` does (same native runner, same rounding slack, same ⊥ rule)."""
+    import glorocert.api as api  # noqa: PLC0415 - optional until the API lands
+    from glorocert.certify import gloro
+
+    loaded = api.load(str(onnx_path))
+    bound = api.compute_bound(loaded)
+    bound.save(str(bound_path_for(onnx_path)))
+    logits = np.concatenate([loaded.runner(x_val[i:i + 1000].numpy()) for i in range(0, len(x_val), 1000)])
+    rtol = max(gloro.ROUNDING_RTOL, 4 * loaded.equivalence_gap)
+    predicted, _, _, radius = gloro.radii(logits, bound.margin_matrix, rtol)
+    certified = (predicted == y_val.numpy()) & ~gloro.bottom_flags(radius, eps)
+    return bound, float(certified.mean())
 
 
 def write_outputs(result, out: Path, x_val: torch.Tensor, y_val: torch.Tensor, progress: Any = None) -> None:
     """Write checkpoint, exports, bound and card of ``result`` into ``out`` (atomically, file by file)."""
-    from glorocert.train.loop import _atomic_write_text, _call, evaluate
-
     config, spec, model = result.config, result.spec, result.model.cpu().eval()
-    files: dict[str, str] = {}
     extra = {
         "glorocert_version": glorocert.__version__,
         "eps": config.eps,
         "train_eps": config.train_eps,
         "loss": config.loss,
         "data": config.data,
+        "data_description": config.data_description,
         "clean_acc": result.clean_acc,
         "vra_estimate": result.vra_estimate,
         "lipschitz_estimate": result.lipschitz_estimate,
         "margin_lipschitz_estimate": np.round(result.margin_lipschitz_estimate, 8).tolist(),
+        "seconds": result.seconds,
+        "epochs_done": len(result.history),
         "train_config": config.to_dict(),
     }
-    files["checkpoint"] = str(save_checkpoint(out / "model.safetensors", model, spec, extra))
-    files["onnx"] = str(export_onnx(model, spec["input_shape"], out / "model.onnx"))
-    files["torchscript"] = str(export_torchscript(model, spec["input_shape"], out / "model.ts.pt"))
+    result.files["checkpoint"] = str(save_checkpoint(out / "model.safetensors", model, spec, extra))
+    result.files["onnx"] = str(export_onnx(model, spec["input_shape"], out / "model.onnx"))
+    result.files["torchscript"] = str(export_torchscript(model, spec["input_shape"], out / "model.ts.pt"))
+    result.files["log"] = str(out / "log.csv")
+    bound_and_card(result, out, x_val, y_val, progress)
 
-    bound_path = out / "model.bound.json"
+
+def bound_and_card(result, out: Path, x_val: torch.Tensor, y_val: torch.Tensor, progress: Any = None) -> None:
+    """Freeze the sound bound of ``out/model.onnx`` (via glorocert.api), measure the sound VRA, write the card."""
+    from glorocert.train.loop import _atomic_write_text, _call
+
+    config = result.config
+    result.bound_error = None
     try:
-        bound = _compute_sound_bound(out / "model.onnx", bound_path)
+        bound, vra_sound = _sound_bound_and_vra(out / "model.onnx", config.eps, x_val, y_val)
     except ImportError as exc:
         result.bound_error = f"glorocert.api is not available yet ({exc})"
     except AttributeError as exc:
@@ -65,17 +89,74 @@ def write_outputs(result, out: Path, x_val: torch.Tensor, y_val: torch.Tensor, p
     except GlorocertError as exc:
         result.bound_error = f"the bound could not be computed: {exc}"
     else:
-        files["bound"] = str(bound_path)
-        margin = torch.as_tensor(np.asarray(bound.margin_matrix, dtype=np.float64))
-        sound = evaluate(model, margin, x_val, y_val, config.eps, config.eval_batch_size)
-        result.vra_sound = sound["vra"]
+        result.files["bound"] = str(bound_path_for(out / "model.onnx"))
+        result.vra_sound = vra_sound
         result.bound_global_upper = float(bound.global_upper)
     if result.bound_error:
         _call(progress, "on_message", f"no frozen bound written: {result.bound_error}")
-    files["log"] = str(out / "log.csv")
-    files["card"] = str(out / "card.md")
-    result.files = files
+    result.files["card"] = str(out / "card.md")
     _atomic_write_text(out / "card.md", model_card(result, len(y_val), out.name))
+
+
+def finalize(out_dir: str | Path, progress: Any = None):
+    """Recompute the frozen bound, the sound VRA and the card of a finished run in ``out_dir``.
+
+    Uses only ``model.safetensors`` (weights, spec and the training record in
+    its header) and ``model.onnx``; the held-out data is reloaded from the
+    recorded data spec. For runs finished before :mod:`glorocert.api` existed.
+    """
+    from glorocert.train.architectures import load_checkpoint, read_checkpoint_metadata
+    from glorocert.train.datasets import load_training_data
+    from glorocert.train.loop import TrainConfig, TrainResult
+
+    out = Path(out_dir)
+    model, spec = load_checkpoint(out / "model.safetensors")
+    meta = read_checkpoint_metadata(out / "model.safetensors")
+    try:
+        config = TrainConfig(**json.loads(meta["train_config"]))
+        record = {k: json.loads(meta[k]) for k in
+                  ("clean_acc", "vra_estimate", "lipschitz_estimate", "margin_lipschitz_estimate", "seconds")}
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise GlorocertError(f"{out / 'model.safetensors'} has no training record ({exc}); was it written by glorocert train?") from None
+    if not config.data:
+        raise GlorocertError(f"{out}: the run was trained on in-memory tensors; its held-out data cannot be reloaded")
+    data = load_training_data(config.data, config.data_limit)
+    result = TrainResult(
+        model=model, spec=spec, config=config,
+        history=[],
+        clean_acc=record["clean_acc"], vra_estimate=record["vra_estimate"],
+        margin_lipschitz_estimate=np.asarray(record["margin_lipschitz_estimate"]),
+        lipschitz_estimate=record["lipschitz_estimate"], seconds=record["seconds"], power=None,
+        files={"checkpoint": str(out / "model.safetensors"), "onnx": str(out / "model.onnx"),
+               "torchscript": str(out / "model.ts.pt"), "log": str(out / "log.csv")},
+    )
+    bound_and_card(result, out, data.x_val, data.y_val, progress)
+    return result
+
+
+def command_line(config) -> str:
+    """The ``glorocert train`` command that reproduces ``config`` (every setting spelled out)."""
+    import shlex
+
+    c = config
+    options: list[tuple[str, object]] = [
+        ("--arch", c.arch), ("--activation", c.activation),
+        ("--minmax-pairing", c.minmax_pairing if c.activation == "minmax" else None),
+        ("--data", c.data or None), ("--limit", c.data_limit),
+        ("--eps", c.eps), ("--train-eps", c.train_eps), ("--eps-schedule", c.eps_schedule),
+        ("--loss", c.loss),
+        ("--lam", c.lam if c.loss == "trades" else None),
+        ("--lam-schedule", c.lam_schedule if c.loss == "trades" else None),
+        ("--epochs", c.epochs), ("--warmup-epochs", c.warmup_epochs or None),
+        ("--batch-size", c.batch_size), ("--lr", c.lr), ("--final-lr", c.final_lr),
+        ("--lr-schedule", c.lr_schedule), ("--power-iterations", c.power_iterations),
+        ("--seed", c.seed), ("--out", c.out_dir),
+    ]
+    parts = ["glorocert", "train"]
+    for flag, value in options:
+        if value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
 
 
 def _pct(value: float | None) -> str:
@@ -113,7 +194,7 @@ def model_card(result, n_val: int, name: str) -> str:
         f"| VRA at ε = {c.eps} (power-iteration estimate of K, not a guarantee) | {_pct(result.vra_estimate)} |",
         bound_line,
         f"| Global Lipschitz estimate (power iteration) | {result.lipschitz_estimate:.6g} |",
-        f"| Training time | {duration} ({result.seconds:.0f} s, {len(result.history)} epochs, "
+        f"| Training time | {duration} ({result.seconds:.0f} s, {c.epochs} epochs, "
         f"{platform.machine()} CPU, torch {torch.__version__}) |",
         "",
         "VRA = fraction of held-out samples that are predicted correctly *and* certified",
@@ -121,7 +202,7 @@ def model_card(result, n_val: int, name: str) -> str:
         "",
         "## Data",
         "",
-        f"- Data: `{c.data or 'in-memory tensors'}`",
+        f"- Data: `{c.data or 'in-memory tensors'}`" + (f" — {c.data_description}" if c.data_description else ""),
         f"- Input shape: {spec['input_shape']}, {spec['num_classes']} classes, pixels in [0, 1]",
         f"- Held-out evaluation split: {n_val} samples (never used for training)",
         "",
@@ -135,12 +216,21 @@ def model_card(result, n_val: int, name: str) -> str:
         f"(`{c.lr_schedule}`)",
         f"- Power iteration: {c.power_iterations} step(s) per batch, persistent iterates, "
         f"converged (rel. change < {c.converge_tol}) before every evaluation",
-        f"- Seed {c.seed}, deterministic mode {'on' if c.deterministic else 'off'}",
+        f"- Seed {c.seed}, deterministic mode {'on' if c.deterministic else 'off'} "
+        f"(bit-for-bit reproducible on CPU with the same torch version and thread count; "
+        f"this run: {torch.get_num_threads()} thread(s), e.g. `OMP_NUM_THREADS={torch.get_num_threads()}`)",
         "",
         "Exact command:",
         "",
         "```",
-        c.command or "(trained through the Python API: glorocert.train.loop.train)",
+        c.command or command_line(c) + "   # equivalent; trained through glorocert.train.train()",
+        "```",
+        "",
+        "## Certify it",
+        "",
+        "```",
+        f"glorocert certify {Path(c.out_dir or name) / 'model.onnx'} --data {c.data or 'DATA'} --eps {c.eps}"
+        + (" --split test" if c.data in ('mnist-5k', 'fashion-mnist', 'digits') else ""),
         "```",
         "",
         "## Files",
@@ -148,7 +238,7 @@ def model_card(result, n_val: int, name: str) -> str:
         "- `model.safetensors` — glorocert checkpoint (weights + architecture spec in the header)",
         "- `model.onnx` — ONNX opset 17, input `input` (N×C×H×W), output `logits`",
         "- `model.ts.pt` — TorchScript",
-        "- `model.bound.json` — frozen sound Lipschitz bound" + ("" if result.vra_sound is not None else " (missing, see above)"),
+        "- `model.onnx.bound.json` — frozen sound Lipschitz bound of model.onnx (used by `glorocert certify`)" + ("" if result.vra_sound is not None else " (missing, see above)"),
         "- `log.csv` — per-epoch loss, clean accuracy, VRA (estimate), ε, λ, LR, seconds, Lipschitz estimate",
         "",
         f"_Generated {_dt.date.today().isoformat()} by glorocert {glorocert.__version__}._",
