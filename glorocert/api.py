@@ -179,8 +179,10 @@ def certify(
     started = time.perf_counter()
     for batch in dataset.batches(batch_size):
         if batch.y is not None and (batch.y >= model.num_classes).any():
-            row = int(batch.index[np.argmax(batch.y >= model.num_classes)])
-            raise GlorocertError(f"{dataset.name}: row {row} has label {int(batch.y.max())}, but the model has {model.num_classes} classes")
+            bad = int(np.argmax(batch.y >= model.num_classes))
+            raise GlorocertError(
+                f"{dataset.name}: row {int(batch.index[bad])} has label {int(batch.y[bad])}, but the model has {model.num_classes} classes"
+            )
         x = batch.x if scale is None else (batch.x - shift) / scale
         t0 = time.perf_counter()
         logits = model.runner(x)

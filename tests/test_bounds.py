@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from conftest import SHAPE, make_model, save_as
 from glorocert.api import compute_bound
 from glorocert.errors import GlorocertError
-from glorocert.graph import AvgPool, Conv2d, GlobalAvgPool, Graph, Linear, MaxPool, Node, Reshape
+from glorocert.graph import Affine, AvgPool, Conv2d, GlobalAvgPool, Graph, Linear, MaxPool, Node, Reshape
 from glorocert.lipschitz import operators
 from glorocert.lipschitz.boundfile import Bound
 from glorocert.lipschitz.compose import compose
@@ -119,12 +119,7 @@ def test_conv_upper_bound_is_never_below_exact_norm_and_within_a_thousandth(conv
     assert exact <= guaranteed <= exact * 1.001
 
 
-# "asymmetric_padding" has σ₂/σ₁ = 0.9991 and the power iteration stops 8.6e-4 below σ_max while
-# claiming convergence: see test_found_bugs.py, which keeps that case until power_iteration is fixed.
-POWER_CASES = [(case, name) for case, name in zip(CONV_CASES, CONV_IDS) if name != "asymmetric_padding"]
-
-
-@pytest.mark.parametrize("conv, in_shape", [c for c, _ in POWER_CASES], ids=[n for _, n in POWER_CASES])
+@pytest.mark.parametrize("conv, in_shape", CONV_CASES, ids=CONV_IDS)
 def test_power_iteration_on_conv_approaches_the_exact_norm_from_below(conv, in_shape):
     exact = exact_norm(explicit_conv(conv, in_shape))
     estimate = operators.power_iteration(conv.homogeneous, in_shape)
@@ -143,6 +138,16 @@ def test_dense_bound_is_exact_and_power_iteration_is_within_1e_4(out_features, i
     estimate = operators.power_iteration(op.homogeneous, (in_features,))
     assert estimate.value <= exact * (1 + 1e-9)
     assert estimate.value == pytest.approx(exact, rel=1e-4)
+
+
+def test_power_iteration_does_not_stop_on_a_plateau_when_top_singular_values_are_close():
+    """σ₂/σ₁ = 0.9991 here: a stopping rule on the change of ‖Ax‖ once stopped 8.6e-4 low claiming convergence."""
+    conv, in_shape = NAMED_CONVS["asymmetric_padding"]
+    singular = torch.linalg.svdvals(explicit_conv(conv, in_shape))
+    assert singular[1] / singular[0] > 0.999
+    estimate = operators.power_iteration(conv.homogeneous, in_shape)
+    assert estimate.converged
+    assert estimate.value == pytest.approx(singular[0].item(), rel=1e-4)
 
 
 def test_circulant_bound_is_never_below_exact_norm_for_random_convs():
@@ -190,6 +195,23 @@ def test_global_avgpool_bound_is_exact():
     in_shape = (3, 5, 6)
     exact = exact_norm(explicit_matrix(lambda x: x.mean(dim=(2, 3)), in_shape))
     assert operators.upper_bound(GlobalAvgPool(), in_shape)[0] == pytest.approx(exact, rel=1e-12)
+
+
+def test_affine_bound_counts_the_copies_made_by_a_broadcasting_scale():
+    """x of shape (1,) times a scale of shape (10,) is ten copies of x: norm √10, not max|scale| = 1."""
+    affine = Affine(torch.ones(10, dtype=torch.float64), torch.zeros(10, dtype=torch.float64))
+    assert operators.upper_bound(affine, (1,))[0] >= math.sqrt(10) * (1 - REFERENCE_RTOL)
+
+
+def test_a_scale_along_the_width_is_not_folded_into_a_conv_as_a_per_channel_scale():
+    """After a conv with 4 output channels, a scale of shape (4,) multiplies the 4 columns, not the channels."""
+    conv = Conv2d(torch.ones(4, 1, 1, 1, dtype=torch.float64))  # copies the input into 4 channels
+    width_scale = Affine(torch.tensor([10.0, 0.0, 0.0, 0.0], dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
+    nodes = [Node("c", conv, ("x",)), Node("a", width_scale, ("c",)), Node("f", Reshape((-1,)), ("a",))]
+    graph = Graph("x", (1, 4, 4), nodes, "f")
+    exact = exact_norm(explicit_matrix(graph.forward, (1, 4, 4)))
+    assert exact == pytest.approx(20.0)
+    assert compose(graph, exact_side=0).global_upper >= exact
 
 
 MAXPOOLS = {
@@ -438,12 +460,24 @@ def test_bound_equals_the_known_lipschitz_constant_where_it_is_attained(tmp_path
 # --------------------------------------------------------------------------- formats agree
 
 
-@pytest.mark.parametrize("kind", ["chain", "batchnorm_pooling", "residual"])
+def test_torchscript_torch_export_and_onnx_exports_give_the_same_bound(tmp_path):
+    module = make_model("batchnorm_pooling", seed=5)
+    formats = ("onnx", "torchscript", "torch.export")
+    bounds = [compute_bound(load(save_as(module, fmt, tmp_path), input_shape=SHAPE)) for fmt in formats]
+    for fmt, other in zip(formats[1:], bounds[1:]):
+        assert other.model_format == fmt
+        assert other.global_upper == pytest.approx(bounds[0].global_upper, rel=1e-6)
+        assert other.global_estimate == pytest.approx(bounds[0].global_estimate, rel=1e-4)
+        for a, b in zip(bounds[0].margin_upper, other.margin_upper):
+            assert a == pytest.approx(b, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["chain", "residual", "concat", "minmax_halves"])
 def test_onnx_and_torchscript_exports_give_the_same_bound(tmp_path, kind):
     module = make_model(kind, seed=5)
     bounds = [compute_bound(load(save_as(module, fmt, tmp_path), input_shape=SHAPE)) for fmt in ("onnx", "torchscript")]
     assert bounds[0].global_upper == pytest.approx(bounds[1].global_upper, rel=1e-6)
-    assert bounds[0].global_estimate == pytest.approx(bounds[1].global_estimate, rel=1e-6)
+    assert bounds[0].global_estimate == pytest.approx(bounds[1].global_estimate, rel=1e-4)
     for a, b in zip(bounds[0].margin_upper, bounds[1].margin_upper):
         assert a == pytest.approx(b, rel=1e-6)
 

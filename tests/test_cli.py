@@ -200,6 +200,7 @@ BAD_INPUTS = {
     "missing_data": lambda w: ["certify", w["onnx"], "--data", w["data"] / "absent.npy"],
     "stale_bound": lambda w: ["certify", w["onnx"], "--data", w["data"] / "digits.npz", "--bound", w["other_bound"]],
     "unknown_output_extension": lambda w: ["certify", w["onnx"], "--data", w["data"] / "digits.npz", "--out", "{out}/rows.txt"],
+    "unknown_plot_extension": lambda w: ["certify", w["onnx"], "--data", w["data"] / "digits.npz", "--plot", "{out}/curve.txt"],
     "bad_eps": lambda w: ["certify", w["onnx"], "--data", w["data"] / "digits.npz", "--eps", "-1"],
     "bad_input_shape": lambda w: ["certify", w["torchscript"], "--input-shape", "one,8,8", "--data", w["data"] / "digits.npz"],
 }
@@ -210,6 +211,7 @@ EXPECTED_WORDS = {
     "label_out_of_range": "label",
     "stale_bound": "another model",
     "unknown_output_extension": ".txt",
+    "unknown_plot_extension": ".txt",
 }
 
 
@@ -218,7 +220,8 @@ def test_bad_input_exits_2_with_one_line_and_no_output(monkeypatch, capsys, work
     args = [str(a).replace("{out}", str(out_dir)) for a in BAD_INPUTS[case](workspace)]
     if args[0] == "certify":
         args += ["--eps", "0.05"] if "--eps" not in args else []
-        args += ["--summary", out_dir / "summary.json", "--plot", out_dir / "curve.png"]
+        args += ["--summary", out_dir / "summary.json"]
+        args += ["--plot", out_dir / "curve.png"] if "--plot" not in args else []
         args += ["--out", out_dir / "rows.csv"] if "--out" not in args else []
     code, out, err = run_main(monkeypatch, capsys, *args)
     assert code == 2, (out, err)
@@ -228,6 +231,17 @@ def test_bad_input_exits_2_with_one_line_and_no_output(monkeypatch, capsys, work
     assert "Traceback" not in err + out
     assert EXPECTED_WORDS.get(case, "") in lines[0]
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [
+    ["certify", "--no-such-option"],
+    ["certify"],
+    ["certify", "model.onnx", "--batch-size", "many"],
+], ids=["unknown_option", "missing_model_argument", "non_integer_option"])
+def test_usage_errors_exit_2_without_a_traceback(monkeypatch, capsys, args):
+    code, out, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2
+    assert "Traceback" not in out + err and err.strip()
 
 
 # --------------------------------------------------------------------------- interruption
@@ -288,6 +302,7 @@ def test_interrupt_through_main_exits_130_and_leaves_no_output(monkeypatch, caps
         "--summary", out_dir / "summary.json",
     )
     assert code == 130 and "Traceback" not in out + err
+    assert "interrupted" in err
     assert list(out_dir.iterdir()) == []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import onnx
@@ -35,11 +36,6 @@ def assert_ir_matches_native(model, module):
     assert np.abs(native - expected.numpy()).max() <= 1e-5 * scale  # the float32 runtime
 
 
-# TorchScript models with these kinds fail to *run* after loading (see test_found_bugs.py:
-# the TorchScript runner under torch.inference_mode); they are covered there until fixed.
-TORCHSCRIPT_KINDS = ["chain", "residual", "batchnorm_pooling", "activations", "normalised", "minmax_adjacent", "linear_only"]
-
-
 @pytest.mark.parametrize("kind", SUPPORTED_KINDS)
 def test_ir_forward_equals_native_forward_for_onnx(tmp_path, kind):
     module = make_model(kind)
@@ -49,12 +45,44 @@ def test_ir_forward_equals_native_forward_for_onnx(tmp_path, kind):
     assert_ir_matches_native(model, module)
 
 
-@pytest.mark.parametrize("kind", TORCHSCRIPT_KINDS)
+@pytest.mark.parametrize("kind", SUPPORTED_KINDS)
 def test_ir_forward_equals_native_forward_for_torchscript(tmp_path, kind):
+    """Also a regression test: TorchScript modules once failed to run under torch.inference_mode after export."""
     module = make_model(kind)
     model = load(save_as(module, "torchscript", tmp_path, kind), input_shape=SHAPE)
     assert model.format == "torchscript"
     assert_ir_matches_native(model, module)
+
+
+@pytest.mark.parametrize("kind", ["chain", "concat"])
+def test_ir_forward_equals_native_forward_for_torch_export_with_its_static_batch(tmp_path, kind):
+    """The default torch.export (batch fixed at 2 here) must load; concat ends in a global average pool,
+    which the dynamo ONNX exporter writes as ReduceMean."""
+    module = make_model(kind)
+    model = load(save_as(module, "torch.export", tmp_path, kind))
+    assert model.format == "torch.export"
+    assert_ir_matches_native(model, module)
+
+
+def test_ir_forward_equals_native_forward_for_torch_export_with_a_dynamic_batch(tmp_path):
+    module = make_model("mlp")
+    path = tmp_path / "dynamic.pt2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, (torch.zeros(2, *SHAPE),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(path))
+    assert_ir_matches_native(load(path), module)
+
+
+def test_onnx_with_a_fixed_batch_of_one_loads_and_runs_any_batch(tmp_path):
+    """torch.onnx.export without dynamic_axes (the default, and most model-zoo files) fixes the batch at 1."""
+    module = make_model("batchnorm_pooling")
+    path = tmp_path / "fixed_batch.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(1, *SHAPE),), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"])
+    assert_ir_matches_native(load(path), module)
 
 
 @pytest.mark.parametrize("kind", ["chain", "batchnorm_pooling", "minmax_halves"])
@@ -217,8 +245,6 @@ def test_input_shape_that_contradicts_the_onnx_declaration_is_refused(tmp_path, 
 @pytest.mark.parametrize("kind, axis, max_first", [("minmax_halves", 1, True), ("minmax_adjacent", 2, False)])
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_minmax_is_recognised_in_both_pairing_conventions(tmp_path, kind, axis, max_first, fmt):
-    if (kind, fmt) == ("minmax_halves", "torchscript"):
-        fmt = "onnx"  # the TorchScript runner bug (test_found_bugs.py) hits this model; ONNX still checks the pattern
     module = make_model(kind)
     model = load(save_as(module, fmt, tmp_path, kind), input_shape=SHAPE)
     minmax = [n.op for n in model.graph.nodes if isinstance(n.op, ir.MinMax)]

@@ -237,6 +237,8 @@ class _Converter:
             axis = a["axis"] % len(self.shape(x))
             if axis == 0:
                 raise UnsupportedOperator(op, name, "concatenation along the batch axis")
+            if any(self.is_const(i) for i in node.input):
+                raise UnsupportedOperator(op, name, "concatenating a constant tensor (e.g. coordinate channels) is not supported")
             self.emit(out, Concat(axis), *node.input)
         elif op in ("Split", "Slice"):
             self.view(node, op, a, name)
