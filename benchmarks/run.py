@@ -28,7 +28,7 @@ from glorocert.lipschitz.compose import blocks_of, compose  # noqa: E402
 from glorocert.loaders import load  # noqa: E402
 from glorocert.train.architectures import build  # noqa: E402
 
-console = Console()
+console = Console(width=150)
 
 
 def exact_block_norm(block) -> float | None:
