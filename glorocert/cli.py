@@ -342,6 +342,36 @@ def main() -> None:
 
 
 @app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="ONNX model to wrap (its frozen bound is found next to it, or given with --bound).", show_default=False)],
+    out_path: Annotated[Path, typer.Argument(help="Where to write the GloRo ONNX model.", show_default=False)],
+    eps: Annotated[float, typer.Option("--eps", help="l2 radius (in [0,1] pixel space) the ⊥ logit certifies.")] = 0.3,
+    gloro: Annotated[bool, typer.Option("--gloro/--no-gloro", help="Append the ⊥ logit (the only export there is so far).")] = True,
+    bound_path: Annotated[Optional[Path], typer.Option("--bound", help="Bound JSON (default: MODEL.bound.json, computed if absent).")] = None,
+) -> None:
+    """Write an ONNX model that outputs the C logits plus the GloRo ⊥ logit, with the frozen margin matrix baked in.
+
+    Any ONNX runtime then certifies by argmax: a class other than the last (⊥) is certified at ε.
+
+    Example: glorocert export models/mnist-5k-eps0.3/model.onnx out/gloro.onnx --eps 0.3
+    """
+    from glorocert.api import resolve_bound
+    from glorocert.certify.gloro import ROUNDING_RTOL
+    from glorocert.train.export import export_gloro_onnx
+
+    if not gloro:
+        raise GlorocertError("only --gloro export is supported")
+    if model.suffix.lower() != ".onnx" or out_path.suffix.lower() != ".onnx":
+        raise GlorocertError("export reads and writes .onnx files")
+    loaded = _load(model, None, False)
+    bound, source = resolve_bound(loaded, bound_path, None)
+    if bound.mode != "sound":
+        err.print("[yellow]warning:[/] the bound is an ESTIMATE; the exported ⊥ logit certifies nothing")
+    path = export_gloro_onnx(model, bound.margin_matrix, eps, out_path, rounding_rtol=max(ROUNDING_RTOL, 4 * loaded.equivalence_gap))
+    out.print(f"wrote {path}: {loaded.num_classes} logits + ⊥ at ε={eps:g} (bound: {source}, {bound.mode})")
+
+
+@app.command()
 def train(
     data: Annotated[str, typer.Option("--data", help="Training data: mnist-5k, fashion-mnist, digits (built-in train split; their test split is held out), or a labelled file (20 % per class held out).")],
     eps: Annotated[float, typer.Option("--eps", help="Test radius ε (l2, [0,1] pixels): the held-out VRA is measured and the model certified at it.")],

@@ -1,0 +1,40 @@
+"""`glorocert export --gloro`: onnxruntime's argmax on the exported model equals certify's verdicts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+
+from glorocert.api import certify, compute_bound
+from glorocert.data import open_dataset
+from glorocert.lipschitz.boundfile import default_path
+from glorocert.loaders import load
+
+
+def test_exported_bottom_logit_agrees_with_certify(trained_digits_model, tmp_path):
+    _, onnx_path, _ = trained_digits_model
+    model = load(onnx_path)
+    bound = compute_bound(model)
+    bound_file = tmp_path / "b.json"
+    bound.save(bound_file)
+    out = tmp_path / "gloro.onnx"
+    eps = 0.05
+    done = subprocess.run([sys.executable, "-m", "glorocert.cli", "export", str(onnx_path), str(out), "--eps", str(eps),
+                           "--bound", str(bound_file)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = certify(model, open_dataset("digits"), [eps], bound=bound).rows
+    x = next(open_dataset("digits").batches(10_000)).x
+    session = ort.InferenceSession(str(out))
+    outputs = session.run(None, {session.get_inputs()[0].name: x})[0]
+    assert outputs.shape[1] == model.num_classes + 1
+    bottom = outputs.argmax(1) == model.num_classes
+    assert (bottom == rows[f"bottom@{eps:g}"]).all()
+    assert (outputs.argmax(1)[~bottom] == rows["predicted"][~bottom]).all()
+
+
+def test_export_refuses_non_onnx_paths(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "glorocert.cli", "export", "model.pt", str(tmp_path / "x.onnx")], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
