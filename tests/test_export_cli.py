@@ -5,12 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import onnxruntime as ort
 
 from glorocert.api import certify, compute_bound
 from glorocert.data import open_dataset
-from glorocert.lipschitz.boundfile import default_path
 from glorocert.loaders import load
 
 
