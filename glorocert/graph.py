@@ -11,8 +11,7 @@ Shapes are per sample (no batch dimension) everywhere except in tensors.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -355,11 +354,7 @@ class Graph:
         return [(n.name, n.op.describe(), self.shapes[n.name]) for n in self.nodes]
 
 
-def conv_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
-    return math.floor((size + pad - dilation * (kernel - 1) - 1) / stride) + 1
-
-
 __all__ = [
     "Op", "Linear", "Conv2d", "Affine", "Activation", "MinMax", "Add", "Concat", "Reshape",
-    "AvgPool", "GlobalAvgPool", "MaxPool", "Node", "Graph", "ACTIVATIONS", "replace",
+    "AvgPool", "GlobalAvgPool", "MaxPool", "Node", "Graph", "ACTIVATIONS",
 ]

@@ -12,7 +12,6 @@ import torch
 from glorocert.api import compute_bound
 from glorocert.audit import audit, lipschitz_lower_bounds
 from glorocert.data import open_dataset
-from glorocert.lipschitz.boundfile import default_path
 from glorocert.loaders import load
 
 

@@ -40,7 +40,7 @@ def mlp(sizes, seed=0, scale=1.0):
 
 def dense_layers(graph):
     """[(W, b)] of the linear segments between ReLUs, materialised independently of the certifiers."""
-    layers, ops, shape, start = [], [], graph.input_shape, graph.input_shape
+    layers, ops, start = [], [], graph.input_shape
 
     def close():
         def seg(v, bias=True):

@@ -197,15 +197,6 @@ def _check_node(node: Node) -> None:
         )
 
 
-def _double(op):
-    if isinstance(op, Linear):
-        return Linear(op.weight.double(), None if op.bias is None else op.bias.double())
-    if isinstance(op, Conv2d):
-        return Conv2d(op.weight.double(), None if op.bias is None else op.bias.double(),
-                      op.stride, op.padding, op.dilation, op.groups)
-    return op
-
-
 def _build_plan(graph: Graph, composition: Composition | None) -> _Plan:
     for node in local.chain(graph, METHOD):
         _check_node(node)
@@ -227,7 +218,7 @@ def _build_plan(graph: Graph, composition: Composition | None) -> _Plan:
         if block.linear:
             shape, preceding = block.in_shape, []
             for node in block.nodes:
-                op = _double(node.op)
+                op = local.as_double(node.op)
                 step = _Step(node, shape, math.nan, math.nan)
                 if isinstance(op, (Linear, Conv2d)):
                     # ρ at this op's input: the bound of the ops before it in the segment (rarely any but Reshape/Affine)
@@ -252,7 +243,7 @@ def _build_plan(graph: Graph, composition: Composition | None) -> _Plan:
     zero = torch.zeros(1, *head.in_shape, dtype=torch.float64)
     bias = zero
     for node in head.nodes:
-        bias = _double(node.op).forward(bias)
+        bias = local.as_double(node.op).forward(bias)
     k = torch.tensor(composition.margin_upper, dtype=torch.float64)
     return _Plan(steps, a, bias.reshape(-1), lip, k)
 

@@ -95,17 +95,6 @@ class _Plan:
     head_back: torch.Tensor  # (C, *in_K)
 
 
-def _double(op):
-    if isinstance(op, Linear):
-        return Linear(op.weight.double(), None if op.bias is None else op.bias.double())
-    if isinstance(op, Conv2d):
-        return Conv2d(op.weight.double(), None if op.bias is None else op.bias.double(),
-                      op.stride, op.padding, op.dilation, op.groups)
-    if isinstance(op, Affine):
-        return Affine(op.scale.double(), op.shift.double())
-    return op
-
-
 def _identity_back(segment: _Segment) -> torch.Tensor:
     n = math.prod(segment.out_shape)
     m = math.prod(segment.in_shape)
@@ -131,7 +120,7 @@ def _build_plan(graph: Graph) -> _Plan:
         elif isinstance(op, Activation) and op.kind == "identity":
             pass
         elif isinstance(op, LINEAR_OPS):
-            current.append(_double(op))
+            current.append(local.as_double(op))
         else:
             raise GlorocertError(
                 f"{METHOD} supports ReLU networks only (Linear, Conv2d, Affine, Reshape, AvgPool, ReLU): "

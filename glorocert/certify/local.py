@@ -35,6 +35,18 @@ BISECTION_TOL = 1e-3
 """Default width of the final bisection interval on ε; the lower end is reported."""
 
 
+def as_double(op: Op) -> Op:
+    """The op with float64 parameters (the local certifiers compute in float64)."""
+    if isinstance(op, Linear):
+        return Linear(op.weight.double(), None if op.bias is None else op.bias.double())
+    if isinstance(op, Conv2d):
+        return Conv2d(op.weight.double(), None if op.bias is None else op.bias.double(),
+                      op.stride, op.padding, op.dilation, op.groups)
+    if isinstance(op, Affine):
+        return Affine(op.scale.double(), op.shift.double())
+    return op
+
+
 # --------------------------------------------------------------------------- inputs
 
 
@@ -199,7 +211,6 @@ def pgd_pair_margins(
     eps_t = torch.as_tensor(eps, dtype=torch.float64).expand(n).reshape(n)
     gen = torch.Generator().manual_seed(seed)
     shape = x.shape[1:]
-    dims = tuple(range(1, x.dim()))
     # problems: restart × sample × class
     xs = x.unsqueeze(0).unsqueeze(2).expand(restarts, n, classes, *shape).reshape(-1, *shape)
     e = eps_t.view(1, n, 1).expand(restarts, n, classes).reshape(-1)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import warnings
 import zipfile
 from dataclasses import dataclass

@@ -46,6 +46,8 @@ LOG_COLUMNS = (
     "epoch", "loss", "clean_acc", "vra", "bottom_rate", "train_eps", "lam", "lr",
     "seconds", "lipschitz_estimate",
 )
+# --method gaussian|macer: a smoothing base model has no VRA, ⊥ or Lipschitz columns.
+SMOOTHING_LOG_COLUMNS = ("epoch", "loss", "noisy_acc", "clean_acc", "lr", "seconds")
 
 # Fields that may differ between an interrupted run and its --resume.
 _RESUME_FREE_FIELDS = {"resume", "out_dir", "command", "data_description", "device", "eval_batch_size"}
@@ -58,7 +60,8 @@ class TrainConfig:
     arch: str = "2c2f"
     activation: str = "relu"
     minmax_pairing: str = "halves"
-    loss: str = "gloro"                 # ce | gloro | trades
+    method: str = "gloro"               # gloro | gaussian (Cohen et al.) | macer (Zhai et al.)
+    loss: str = "gloro"                 # ce | gloro | trades (method gloro only)
     eps: float = 0.3                    # test ε (l2, [0,1] pixels): VRA is measured here
     train_eps: float | None = None      # ε the loss uses (default: eps); may exceed eps
     eps_schedule: str = "fixed"         # see glorocert.train.schedules
@@ -83,8 +86,19 @@ class TrainConfig:
     data_limit: int | None = None       # training samples kept (None: all), recorded likewise
     data_description: str = ""          # what the card says about the data and the split
     command: str = ""                   # exact command line, for the card
+    sigma: float = 0.25                 # smoothing noise std ([0,1] pixels), methods gaussian / macer
+    macer_k: int = 16                   # MACER: noisy copies per input
+    macer_beta: float = 16.0            # MACER: inverse softmax temperature of the robustness term
+    macer_gamma: float = 8.0            # MACER: hinge on ξ = Φ⁻¹(p_y) − Φ⁻¹(p_runner-up)
+    macer_lam: float = 12.0             # MACER: weight λ of the robustness term
+
+    @property
+    def smoothing(self) -> bool:
+        """True for randomized-smoothing base models (method gaussian or macer)."""
+        return self.method != "gloro"
 
     def __post_init__(self) -> None:
+        losses.parse_method(self.method)
         losses.parse_loss(self.loss)
         parse_schedule(self.eps_schedule, "eps")
         parse_schedule(self.lam_schedule, "lam")
@@ -103,6 +117,15 @@ class TrainConfig:
             (self.power_iterations >= 0, "power_iterations must be >= 0"),
             (self.converge_tol > 0, "converge_tol must be > 0"),
         ]
+        if self.smoothing:
+            checks += [
+                (math.isfinite(self.sigma) and self.sigma > 0,
+                 f"--sigma must be > 0 for method {self.method}, got {self.sigma}"),
+                (self.macer_k >= 1, f"macer_k must be >= 1, got {self.macer_k}"),
+                (math.isfinite(self.macer_beta) and self.macer_beta > 0, f"macer_beta must be > 0, got {self.macer_beta}"),
+                (math.isfinite(self.macer_gamma) and self.macer_gamma > 0, f"macer_gamma must be > 0, got {self.macer_gamma}"),
+                (math.isfinite(self.macer_lam) and self.macer_lam >= 0, f"macer_lam must be >= 0, got {self.macer_lam}"),
+            ]
         for ok, message in checks:
             if not ok:
                 raise GlorocertError(message)
@@ -114,18 +137,21 @@ class TrainConfig:
 @dataclass
 class EpochRecord:
     """One row of ``log.csv``. ``clean_acc`` / ``vra`` are on the held-out split;
-    ``vra`` uses the converged power-iteration *estimate* of K."""
+    ``vra`` uses the converged power-iteration *estimate* of K. Smoothing base
+    models (method gaussian / macer) have ``noisy_acc`` (held-out accuracy on
+    x + N(0, σ²I)) and no VRA, ⊥ rate or Lipschitz estimate (None)."""
 
     epoch: int
     loss: float
     clean_acc: float
-    vra: float
-    bottom_rate: float
+    vra: float | None
+    bottom_rate: float | None
     train_eps: float
     lam: float
     lr: float
     seconds: float
-    lipschitz_estimate: float
+    lipschitz_estimate: float | None
+    noisy_acc: float | None = None
 
 
 @dataclass
@@ -137,15 +163,16 @@ class TrainResult:
     config: TrainConfig
     history: list[EpochRecord]
     clean_acc: float                       # held-out, final weights
-    vra_estimate: float                    # held-out, K from converged power iteration
-    margin_lipschitz_estimate: np.ndarray  # C×C, estimate
-    lipschitz_estimate: float
+    vra_estimate: float | None             # held-out, K from converged power iteration (None: smoothing)
+    margin_lipschitz_estimate: np.ndarray | None  # C×C, estimate (None: smoothing)
+    lipschitz_estimate: float | None
     seconds: float                         # training time (all sessions, evaluation included)
     power: PowerIteration
     vra_sound: float | None = None         # held-out, K from the frozen sound bound
     bound_global_upper: float | None = None
     files: dict[str, str] = field(default_factory=dict)
     bound_error: str | None = None         # why the frozen bound could not be produced
+    noisy_acc: float | None = None         # smoothing base models: held-out accuracy on x + N(0, σ²I)
 
 
 class TrainProgress:
@@ -214,6 +241,37 @@ def evaluate(
     model.train(was_training)
     n = x.shape[0]
     return {"clean_acc": correct / n, "vra": certified_correct / n, "bottom_rate": bottoms / n}
+
+
+@torch.no_grad()
+def evaluate_noisy(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma: float,
+    seed: int,
+    batch_size: int = 1000,
+) -> dict[str, float]:
+    """Accuracy of a smoothing base model on ``x`` and on ``x + N(0, σ²I)`` (one draw per sample).
+
+    The noise comes from its own generator seeded with ``seed``, so every
+    evaluation sees the same noise and the training RNG is untouched. This is
+    the base model's accuracy under noise, not a certificate.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + 999_983)
+    correct = noisy_correct = 0
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size].to(device)
+        yb = y[start:start + batch_size].to(device)
+        correct += int((model(xb).argmax(dim=1) == yb).sum())
+        noisy = xb + losses.gaussian_noise(xb.shape, sigma, generator, device)
+        noisy_correct += int((model(noisy).argmax(dim=1) == yb).sum())
+    model.train(was_training)
+    n = x.shape[0]
+    return {"clean_acc": correct / n, "noisy_acc": noisy_correct / n}
 
 
 # -- checkpoints (no pickle) -------------------------------------------------
@@ -292,17 +350,25 @@ def _load_state(out: Path, model, optimizer, power) -> dict[str, Any]:
     return state
 
 
-def _write_log(path: Path, history: list[EpochRecord]) -> None:
+def _write_log(path: Path, history: list[EpochRecord], columns: tuple[str, ...] = LOG_COLUMNS) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(LOG_COLUMNS)
+    writer.writerow(columns)
     for record in history:
         row = dataclasses.asdict(record)
-        writer.writerow([row[c] if isinstance(row[c], int) else f"{row[c]:.6g}" for c in LOG_COLUMNS])
+        writer.writerow([
+            "" if row[c] is None else row[c] if isinstance(row[c], int) else f"{row[c]:.6g}" for c in columns
+        ])
     _atomic_write_text(path, buffer.getvalue())
 
 
 # -- the loop ----------------------------------------------------------------
+
+def _epoch_noise_generator(seed: int, epoch: int) -> torch.Generator:
+    # Smoothing noise of epoch e depends on (seed, e) only (resume-exact), and
+    # its stream is independent of the shuffle's.
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) + 500_000_003)
+
 
 def _epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     # One generator per epoch: the shuffle of epoch e depends on (seed, e) only,
@@ -422,6 +488,9 @@ def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> Tr
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = config.warmup_epochs * steps_per_epoch if config.loss != "ce" else 0
+    if config.smoothing:
+        return _train_smoothing(config, spec, device, model, power, optimizer, lr_schedule, out, history,
+                                start_epoch, seconds_before, x_train, y_train, x_val, y_val, progress)
     _call(progress, "on_start", config.epochs, steps_per_epoch, start_epoch)
 
     train_eps = lam = lr = 0.0
@@ -508,6 +577,89 @@ def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> Tr
         lipschitz_estimate=power.lipschitz_estimate(),
         seconds=seconds_before,
         power=power,
+    )
+    if out is not None:
+        from glorocert.train.outputs import write_outputs
+
+        write_outputs(result, out, x_val, y_val, progress)
+    return result
+
+
+def _train_smoothing(config, spec, device, model, power, optimizer, lr_schedule, out, history,
+                     start_epoch, seconds_before, x_train, y_train, x_val, y_val, progress) -> TrainResult:
+    """Base-model training for randomized smoothing: Gaussian augmentation (Cohen et al.) or MACER.
+
+    Same shuffling, LR schedule, checkpoints and resume as the GloRo loop; no
+    power iteration. Noise of epoch e comes from a generator seeded by (seed, e).
+    """
+    n = x_train.shape[0]
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    _call(progress, "on_start", config.epochs, steps_per_epoch, start_epoch)
+    lr = 0.0
+    for epoch in range(start_epoch, config.epochs):
+        epoch_start = time.perf_counter()
+        model.train()
+        permutation = _epoch_permutation(config.seed, epoch, n)
+        noise = _epoch_noise_generator(config.seed, epoch)
+        loss_sum, seen = 0.0, 0
+        for step in range(steps_per_epoch):
+            index = permutation[step * config.batch_size:(step + 1) * config.batch_size]
+            xb, yb = x_train[index].to(device), y_train[index].to(device)
+            global_step = epoch * steps_per_epoch + step + 1
+            lr = lr_schedule.lr(global_step / total_steps, config.lr, config.final_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if config.method == "gaussian":
+                noisy = xb + losses.gaussian_noise(xb.shape, config.sigma, noise, device)
+                loss = losses.cross_entropy(model(noisy), yb)
+            else:
+                k = config.macer_k
+                repeated = xb.repeat_interleave(k, dim=0)
+                noisy = repeated + losses.gaussian_noise(repeated.shape, config.sigma, noise, device)
+                logits = model(noisy).view(xb.shape[0], k, -1)
+                loss = losses.macer_loss(logits, yb, config.sigma, config.macer_beta, config.macer_gamma,
+                                         config.macer_lam)
+            if not torch.isfinite(loss):
+                raise GlorocertError(
+                    f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {loss.item()}); "
+                    "try a smaller --lr"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(index)
+            seen += len(index)
+            _call(progress, "on_step", epoch, step, float(loss.detach()))
+
+        metrics = evaluate_noisy(model, x_val, y_val, config.sigma, config.seed, config.eval_batch_size)
+        record = EpochRecord(
+            epoch=epoch + 1, loss=loss_sum / max(seen, 1), clean_acc=metrics["clean_acc"],
+            vra=None, bottom_rate=None, train_eps=0.0,
+            lam=config.macer_lam if config.method == "macer" else 0.0, lr=lr,
+            seconds=time.perf_counter() - epoch_start, lipschitz_estimate=None,
+            noisy_acc=metrics["noisy_acc"],
+        )
+        history.append(record)
+        seconds_before += record.seconds
+        if out is not None:
+            _write_log(out / "log.csv", history, SMOOTHING_LOG_COLUMNS)
+            _save_state(out, model, optimizer, power, {
+                "format": "1",
+                "epochs_done": epoch + 1,
+                "seconds": seconds_before,
+                "config": config.to_dict(),
+                "spec": spec,
+                "history": [dataclasses.asdict(r) for r in history],
+            })
+        _call(progress, "on_epoch", record)
+
+    model.eval()
+    metrics = evaluate_noisy(model, x_val, y_val, config.sigma, config.seed, config.eval_batch_size)
+    result = TrainResult(
+        model=model, spec=spec, config=config, history=history,
+        clean_acc=metrics["clean_acc"], vra_estimate=None, margin_lipschitz_estimate=None,
+        lipschitz_estimate=None, seconds=seconds_before, power=power, noisy_acc=metrics["noisy_acc"],
     )
     if out is not None:
         from glorocert.train.outputs import write_outputs

@@ -93,3 +93,63 @@ def parse_loss(name: str) -> str:
     if name not in LOSSES:
         raise GlorocertError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
     return name
+
+
+# -- randomized-smoothing base models (Cohen et al. 2019; MACER, Zhai et al. 2020) --
+
+METHODS = ("gloro", "gaussian", "macer")
+
+
+def parse_method(name: str) -> str:
+    """Validate a training method name (exact match)."""
+    if name not in METHODS:
+        raise GlorocertError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    return name
+
+
+# Probabilities are kept this far from 0 and 1 before Φ⁻¹ (whose derivative explodes there).
+MACER_PROB_CLAMP = 1e-6
+
+
+def macer_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    sigma: float,
+    beta: float = 16.0,
+    gamma: float = 8.0,
+    lam: float = 12.0,
+    return_parts: bool = False,
+):
+    """MACER's objective (eq. 17, Algorithm 1) on ``logits`` of shape ``(N, k, C)`` (k noisy copies per input).
+
+    * classification: ``−log ẑ^y`` with ``ẑ`` the softmax averaged over the k copies;
+    * robustness: ``λ·σ/2 · max(γ − ξ̂, 0)`` with ``ξ̂ = Φ⁻¹(ẑ_β^y) − Φ⁻¹(max_{y'≠y} ẑ_β^{y'})``,
+      ``ẑ_β`` the average of ``softmax(β·logits)``; only on samples whose smoothed top-1
+      (argmax of ``ẑ_β``) is the label and whose ``ξ̂`` lies in ``(0, γ)``.
+
+    As in the authors' code, β scales the logits of the robustness term only.
+    Both terms are averaged over the N inputs. With ``return_parts`` also returns
+    ``(classification, robustness)`` (each already divided by N; robustness includes λ).
+    """
+    if logits.ndim != 3:
+        raise GlorocertError(f"macer_loss expects logits of shape (N, k, C), got {tuple(logits.shape)}")
+    n = logits.shape[0]
+    z = F.softmax(logits, dim=2).mean(dim=1)
+    classification = F.nll_loss(torch.log(z.clamp_min(1e-10)), labels, reduction="sum") / n
+    z_beta = F.softmax(beta * logits, dim=2).mean(dim=1)
+    top2, top2_idx = z_beta.topk(2, dim=1)
+    correct = top2_idx[:, 0] == labels
+    p = top2.clamp(MACER_PROB_CLAMP, 1 - MACER_PROB_CLAMP)
+    xi = torch.special.ndtri(p[:, 0]) - torch.special.ndtri(p[:, 1])
+    active = correct & (xi > 0) & (xi < gamma)
+    hinge = (gamma - xi).clamp_min(0) * active.to(xi.dtype)
+    robustness = lam * (sigma / 2) * hinge.sum() / n
+    loss = classification + robustness
+    if return_parts:
+        return loss, classification, robustness
+    return loss
+
+
+def gaussian_noise(shape, sigma: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``N(0, σ² I)`` noise drawn on the CPU from ``generator`` (same stream on every device)."""
+    return (torch.randn(tuple(shape), generator=generator, dtype=torch.float32) * sigma).to(device)

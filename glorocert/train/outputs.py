@@ -4,7 +4,8 @@
 ``model.onnx``         ONNX opset 17, input ``input``, output ``logits``, dynamic batch
 ``model.ts.pt``        TorchScript (traced)
 ``model.onnx.bound.json``  the frozen *sound* bound of model.onnx, from :mod:`glorocert.api`
-                       (where ``glorocert certify model.onnx`` finds it)
+                       (where ``glorocert certify model.onnx`` finds it; GloRo nets only —
+                       smoothing base models, ``--method gaussian|macer``, get none)
 ``log.csv``            one row per epoch (written during training)
 ``card.md``            the model card
 """
@@ -62,11 +63,15 @@ def write_outputs(result, out: Path, x_val: torch.Tensor, y_val: torch.Tensor, p
         "clean_acc": result.clean_acc,
         "vra_estimate": result.vra_estimate,
         "lipschitz_estimate": result.lipschitz_estimate,
-        "margin_lipschitz_estimate": np.round(result.margin_lipschitz_estimate, 8).tolist(),
+        "margin_lipschitz_estimate": (None if result.margin_lipschitz_estimate is None
+                                      else np.round(result.margin_lipschitz_estimate, 8).tolist()),
         "seconds": result.seconds,
         "epochs_done": len(result.history),
         "train_config": config.to_dict(),
     }
+    if config.smoothing:
+        extra.update({"method": config.method, "sigma": config.sigma, "noisy_acc": result.noisy_acc,
+                      "model_kind": "randomized-smoothing base model"})
     result.files["checkpoint"] = str(save_checkpoint(out / "model.safetensors", model, spec, extra))
     result.files["onnx"] = str(export_onnx(model, spec["input_shape"], out / "model.onnx"))
     result.files["torchscript"] = str(export_torchscript(model, spec["input_shape"], out / "model.ts.pt"))
@@ -80,6 +85,10 @@ def bound_and_card(result, out: Path, x_val: torch.Tensor, y_val: torch.Tensor, 
 
     config = result.config
     result.bound_error = None
+    if config.smoothing:  # a smoothing base model: no GloRo bound, no VRA claimed
+        result.files["card"] = str(out / "card.md")
+        _atomic_write_text(out / "card.md", smoothing_card(result, len(y_val), out.name))
+        return
     try:
         bound, vra_sound = _sound_bound_and_vra(out / "model.onnx", config.eps, x_val, y_val)
     except ImportError as exc:
@@ -116,6 +125,7 @@ def finalize(out_dir: str | Path, progress: Any = None):
         config = TrainConfig(**json.loads(meta["train_config"]))
         record = {k: json.loads(meta[k]) for k in
                   ("clean_acc", "vra_estimate", "lipschitz_estimate", "margin_lipschitz_estimate", "seconds")}
+        noisy_acc = json.loads(meta["noisy_acc"]) if "noisy_acc" in meta else None
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise GlorocertError(f"{out / 'model.safetensors'} has no training record ({exc}); was it written by glorocert train?") from None
     if not config.data:
@@ -125,8 +135,10 @@ def finalize(out_dir: str | Path, progress: Any = None):
         model=model, spec=spec, config=config,
         history=[],
         clean_acc=record["clean_acc"], vra_estimate=record["vra_estimate"],
-        margin_lipschitz_estimate=np.asarray(record["margin_lipschitz_estimate"]),
+        margin_lipschitz_estimate=(None if record["margin_lipschitz_estimate"] is None
+                                   else np.asarray(record["margin_lipschitz_estimate"])),
         lipschitz_estimate=record["lipschitz_estimate"], seconds=record["seconds"], power=None,
+        noisy_acc=noisy_acc,
         files={"checkpoint": str(out / "model.safetensors"), "onnx": str(out / "model.onnx"),
                "torchscript": str(out / "model.ts.pt"), "log": str(out / "log.csv")},
     )
@@ -139,7 +151,24 @@ def command_line(config) -> str:
     import shlex
 
     c = config
-    options: list[tuple[str, object]] = [
+    if c.smoothing:
+        macer = c.method == "macer"
+        options: list[tuple[str, object]] = [
+            ("--method", c.method), ("--sigma", c.sigma),
+            ("--macer-k", c.macer_k if macer else None), ("--macer-beta", c.macer_beta if macer else None),
+            ("--macer-gamma", c.macer_gamma if macer else None), ("--macer-lam", c.macer_lam if macer else None),
+            ("--arch", c.arch), ("--activation", c.activation),
+            ("--minmax-pairing", c.minmax_pairing if c.activation == "minmax" else None),
+            ("--data", c.data or None), ("--limit", c.data_limit),
+            ("--epochs", c.epochs), ("--batch-size", c.batch_size), ("--lr", c.lr), ("--final-lr", c.final_lr),
+            ("--lr-schedule", c.lr_schedule), ("--seed", c.seed), ("--out", c.out_dir),
+        ]
+        parts = ["glorocert", "train"]
+        for flag, value in options:
+            if value is not None:
+                parts += [flag, str(value)]
+        return shlex.join(parts)
+    options = [
         ("--arch", c.arch), ("--activation", c.activation),
         ("--minmax-pairing", c.minmax_pairing if c.activation == "minmax" else None),
         ("--data", c.data or None), ("--limit", c.data_limit),
@@ -240,6 +269,83 @@ def model_card(result, n_val: int, name: str) -> str:
         "- `model.ts.pt` — TorchScript",
         "- `model.onnx.bound.json` — frozen sound Lipschitz bound of model.onnx (used by `glorocert certify`)" + ("" if result.vra_sound is not None else " (missing, see above)"),
         "- `log.csv` — per-epoch loss, clean accuracy, VRA (estimate), ε, λ, LR, seconds, Lipschitz estimate",
+        "",
+        f"_Generated {_dt.date.today().isoformat()} by glorocert {glorocert.__version__}._",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def smoothing_card(result, n_val: int, name: str) -> str:
+    """The Markdown card of a randomized-smoothing base model (``--method gaussian|macer``)."""
+    c, spec = result.config, result.spec
+    hours, rest = divmod(result.seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    duration = f"{int(hours)}h {int(minutes)}m {seconds:.0f}s" if hours else f"{int(minutes)}m {seconds:.0f}s"
+    activation = c.activation if c.activation == "relu" else f"MinMax (pairing: {c.minmax_pairing})"
+    if c.method == "gaussian":
+        method = (f"Gaussian noise augmentation (Cohen et al. 2019): cross-entropy on x + N(0, σ²I), "
+                  f"σ = {c.sigma}, one noise draw per sample per step")
+    else:
+        method = (f"MACER (Zhai et al. 2020): k = {c.macer_k} noisy copies per input, β = {c.macer_beta}, "
+                  f"γ = {c.macer_gamma}, λ = {c.macer_lam}, σ = {c.sigma}")
+    out_dir = Path(c.out_dir or name)
+    lines = [
+        f"# {name}",
+        "",
+        f"A randomized-smoothing base model ({c.arch.upper()}, {activation}) trained by `glorocert train "
+        f"--method {c.method}` at noise level σ = {c.sigma} (l2, [0, 1] pixel space).",
+        "",
+        "This is a **smoothing base model, not a GloRo net**: it certifies nothing by itself and has",
+        "no ⊥ logit and no frozen Lipschitz bound. Its robustness guarantee comes only from",
+        "randomized smoothing (Cohen et al. CERTIFY at the same σ), which is probabilistic.",
+        "",
+        "## Results (held-out split)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| **Accuracy of the base model on noisy inputs x + N(0, σ²I), σ = {c.sigma}** "
+        f"(one draw per sample) | **{_pct(result.noisy_acc)}** |",
+        f"| Accuracy of the base model on noise-free inputs | {_pct(result.clean_acc)} |",
+        f"| Training time | {duration} ({result.seconds:.0f} s, {c.epochs} epochs, "
+        f"{platform.machine()} CPU, torch {torch.__version__}) |",
+        "",
+        "No VRA is reported: these are accuracies of the base classifier, not certified accuracies.",
+        "",
+        "## Data",
+        "",
+        f"- Data: `{c.data or 'in-memory tensors'}`" + (f" — {c.data_description}" if c.data_description else ""),
+        f"- Input shape: {spec['input_shape']}, {spec['num_classes']} classes, pixels in [0, 1]",
+        f"- Held-out evaluation split: {n_val} samples (never used for training)",
+        "",
+        "## Training",
+        "",
+        f"- Architecture: {c.arch.upper()}, activation {activation}, orthogonal init",
+        f"- Method: {method}",
+        f"- Optimiser: Adam, batch {c.batch_size}, {c.epochs} epochs, LR {c.lr} → {c.final_lr} "
+        f"(`{c.lr_schedule}`)",
+        f"- Seed {c.seed} (noise of each epoch drawn from a generator seeded by seed and epoch), "
+        f"deterministic mode {'on' if c.deterministic else 'off'}; this run: {torch.get_num_threads()} thread(s)",
+        "",
+        "Exact command:",
+        "",
+        "```",
+        c.command or command_line(c) + "   # equivalent; trained through glorocert.train.train()",
+        "```",
+        "",
+        "## Certify the smoothed classifier",
+        "",
+        "```",
+        f"glorocert compare-rs GLORO_MODEL.onnx --base {out_dir / 'model.onnx'} --data {c.data or 'DATA'} "
+        f"--sigma {c.sigma} --n0 100 --n 100000 --alpha 0.001",
+        "```",
+        "",
+        "## Files",
+        "",
+        "- `model.safetensors` — glorocert checkpoint (weights + architecture spec in the header)",
+        "- `model.onnx` — ONNX opset 17, input `input` (N×C×H×W), output `logits` (base classifier)",
+        "- `model.ts.pt` — TorchScript",
+        "- `log.csv` — per-epoch loss, accuracy on noisy and on noise-free held-out inputs, LR, seconds",
         "",
         f"_Generated {_dt.date.today().isoformat()} by glorocert {glorocert.__version__}._",
         "",
