@@ -4,7 +4,7 @@ These machines are shared and noisy, so every figure that matters is a ratio
 of two things measured in the same run, interleaved: bound ÷ exact spectral
 norm, certify ÷ plain forward pass, smoothing ÷ GloRo. Nothing here asserts.
 
-    python benchmarks/run.py [bounds] [certify] [local] [smoothing]
+    python benchmarks/run.py [bounds] [certify] [local] [smoothing] [train]
 """
 
 from __future__ import annotations
@@ -250,7 +250,28 @@ def _rss_child(mode: str, path: str) -> None:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-SECTIONS = {"bounds": bench_bounds, "certify": bench_certify, "local": bench_local, "smoothing": bench_smoothing}
+def bench_train(rounds: int = 3) -> None:
+    """Seconds per epoch, GloRo-TRADES vs plain CE, same architecture, batch and data, interleaved."""
+    from glorocert.train.datasets import load_training_data
+    from glorocert.train.loop import TrainConfig, train
+
+    data = load_training_data("mnist-5k")
+    table = Table(title="training: seconds per epoch on mnist-5k (4,000 samples, batch 256; evaluation included), interleaved")
+    for col in ("activation", "GloRo-TRADES s", "CE s", "ratio"):
+        table.add_column(col)
+    for activation in ("relu", "minmax"):
+        times = {"trades": [], "ce": []}
+        for _ in range(rounds):
+            for loss in ("trades", "ce"):
+                config = TrainConfig(arch="2c2f", activation=activation, loss=loss, eps=0.3, train_eps=0.45, lam=2.0, epochs=1)
+                result = train(config, data.x_train, data.y_train, data.x_val, data.y_val)
+                times[loss].append(result.history[-1].seconds)
+        g, c = statistics.median(times["trades"]), statistics.median(times["ce"])
+        table.add_row(activation, f"{g:.2f}", f"{c:.2f}", f"{g / c:.3f}×")
+    console.print(table)
+
+
+SECTIONS = {"bounds": bench_bounds, "certify": bench_certify, "local": bench_local, "smoothing": bench_smoothing, "train": bench_train}
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_rss"]:
