@@ -185,7 +185,7 @@ def certify(
             )
         x = batch.x if scale is None else (batch.x - shift) / scale
         t0 = time.perf_counter()
-        logits = model.runner(x)
+        logits = _forward(model, x, batch_size)
         forward_seconds += time.perf_counter() - t0
         if not np.isfinite(logits).all():
             row = int(batch.index[np.argmax(~np.isfinite(logits).all(axis=1))])
@@ -234,6 +234,18 @@ def certify(
         versions=versions(),
     )
     return CertifyResult(rows, summary, eps, bound)
+
+
+def _forward(model: Model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The native forward pass; running out of memory becomes advice instead of a traceback."""
+    try:
+        return model.runner(x)
+    except MemoryError:
+        pass
+    except Exception as e:  # torch.OutOfMemoryError, onnxruntime's allocation failures
+        if "memory" not in str(e).lower() and "alloc" not in str(e).lower():
+            raise
+    raise GlorocertError(f"out of memory at --batch-size {batch_size}; try --batch-size {max(1, batch_size // 4)}")
 
 
 METHODS = ("gloro", "bcp", "kw", "cascade")
