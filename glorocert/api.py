@@ -40,6 +40,18 @@ def normalization_of(mean: Sequence[float] | None, std: Sequence[float] | None) 
     return {"mean": mean, "std": std}
 
 
+def normalised_graph(graph, normalization: dict | None):
+    """The graph seen from [0,1] pixels: normalisation applied outside the model becomes its first layer."""
+    if not normalization:
+        return graph
+    mean, std = np.asarray(normalization["mean"]), np.asarray(normalization["std"])
+    channels = graph.input_shape[0]
+    if len(mean) not in (1, channels) or len(std) not in (1, channels):
+        raise GlorocertError(f"--mean/--std have {len(mean)}/{len(std)} values; the model input has {channels} channels")
+    mean, std = np.broadcast_to(mean, (channels,)), np.broadcast_to(std, (channels,))
+    return graph.with_input_affine(1.0 / std, -mean / std)
+
+
 def compute_bound(
     model: Model,
     *,
@@ -59,14 +71,7 @@ def compute_bound(
     """
     if mode not in ("sound", "estimate"):
         raise GlorocertError(f"--mode {mode!r}: use sound or estimate")
-    graph = model.graph
-    if normalization:
-        mean, std = np.asarray(normalization["mean"]), np.asarray(normalization["std"])
-        channels = graph.input_shape[0]
-        if len(mean) not in (1, channels) or len(std) not in (1, channels):
-            raise GlorocertError(f"--mean/--std have {len(mean)}/{len(std)} values; the model input has {channels} channels")
-        mean, std = np.broadcast_to(mean, (channels,)), np.broadcast_to(std, (channels,))
-        graph = graph.with_input_affine(1.0 / std, -mean / std)
+    graph = normalised_graph(model.graph, normalization)
     result = compose(graph, tol=tol, max_iter=max_iter, exact_side=exact_side, progress=progress)
     return Bound(
         model_sha256=model.sha256,
@@ -287,12 +292,7 @@ def _local_certifier(method: str, fallback: str, model: Model, normalization: di
         return None
     from glorocert.certify import bcp, kw
 
-    graph = model.graph
-    if normalization:
-        channels = graph.input_shape[0]
-        mean = np.broadcast_to(np.asarray(normalization["mean"]), (channels,))
-        std = np.broadcast_to(np.asarray(normalization["std"]), (channels,))
-        graph = graph.with_input_affine(1.0 / std, -mean / std)
+    graph = normalised_graph(model.graph, normalization)
     module = {"bcp": bcp, "kw": kw}[fallback if method == "cascade" else method]
     return _LocalStage(method, module, graph, eps_max)
 

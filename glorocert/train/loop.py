@@ -377,6 +377,21 @@ def _epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
+def _optimise(loss: torch.Tensor, optimizer, epoch: int, step: int, progress) -> float:
+    """One optimiser step on ``loss`` (refusing a diverged loss); returns its value."""
+    if not torch.isfinite(loss):
+        raise GlorocertError(
+            f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {loss.item()}); "
+            "try a smaller --lr"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    value = float(loss.detach())
+    _call(progress, "on_step", epoch, step, value)
+    return value
+
+
 def train(
     config: TrainConfig,
     x_train: torch.Tensor,
@@ -519,17 +534,8 @@ def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> Tr
                 loss = losses.gloro_cross_entropy(logits, yb, power.margin_lipschitz(), train_eps)
             else:
                 loss = losses.gloro_trades(logits, yb, power.margin_lipschitz(), train_eps, lam)
-            if not torch.isfinite(loss):
-                raise GlorocertError(
-                    f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {loss.item()}); "
-                    "try a smaller --lr"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(index)
+            loss_sum += _optimise(loss, optimizer, epoch, step, progress) * len(index)
             seen += len(index)
-            _call(progress, "on_step", epoch, step, float(loss.detach()))
 
         power.converge(config.converge_tol, config.converge_max_iterations)
         with torch.no_grad():
@@ -620,17 +626,8 @@ def _train_smoothing(config, spec, device, model, power, optimizer, lr_schedule,
                 logits = model(noisy).view(xb.shape[0], k, -1)
                 loss = losses.macer_loss(logits, yb, config.sigma, config.macer_beta, config.macer_gamma,
                                          config.macer_lam)
-            if not torch.isfinite(loss):
-                raise GlorocertError(
-                    f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {loss.item()}); "
-                    "try a smaller --lr"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(index)
+            loss_sum += _optimise(loss, optimizer, epoch, step, progress) * len(index)
             seen += len(index)
-            _call(progress, "on_step", epoch, step, float(loss.detach()))
 
         metrics = evaluate_noisy(model, x_val, y_val, config.sigma, config.seed, config.eval_batch_size)
         record = EpochRecord(

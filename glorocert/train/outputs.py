@@ -229,15 +229,7 @@ def model_card(result, n_val: int, name: str) -> str:
         "VRA = fraction of held-out samples that are predicted correctly *and* certified",
         "(GloRo ⊥ logit below the top logit; ties count as not certified).",
         "",
-        "## Data",
-        "",
-        f"- Data: `{c.data or 'in-memory tensors'}`" + (f" — {c.data_description}" if c.data_description else ""),
-        f"- Input shape: {spec['input_shape']}, {spec['num_classes']} classes, pixels in [0, 1]",
-        f"- Held-out evaluation split: {n_val} samples (never used for training)",
-        "",
-        "## Training",
-        "",
-        f"- Architecture: {c.arch.upper()}, activation {activation}, orthogonal init",
+        *_data_and_architecture(c, spec, n_val, activation),
         f"- Loss: {loss}",
         f"- ε: test {c.eps}, training {c.train_eps} (schedule `{c.eps_schedule}`)"
         + (f", {c.warmup_epochs} warm-up epochs of plain CE" if c.warmup_epochs else ""),
@@ -312,15 +304,7 @@ def smoothing_card(result, n_val: int, name: str) -> str:
         "",
         "No VRA is reported: these are accuracies of the base classifier, not certified accuracies.",
         "",
-        "## Data",
-        "",
-        f"- Data: `{c.data or 'in-memory tensors'}`" + (f" — {c.data_description}" if c.data_description else ""),
-        f"- Input shape: {spec['input_shape']}, {spec['num_classes']} classes, pixels in [0, 1]",
-        f"- Held-out evaluation split: {n_val} samples (never used for training)",
-        "",
-        "## Training",
-        "",
-        f"- Architecture: {c.arch.upper()}, activation {activation}, orthogonal init",
+        *_data_and_architecture(c, spec, n_val, activation),
         f"- Method: {method}",
         f"- Optimiser: Adam, batch {c.batch_size}, {c.epochs} epochs, LR {c.lr} → {c.final_lr} "
         f"(`{c.lr_schedule}`)",
@@ -351,3 +335,18 @@ def smoothing_card(result, n_val: int, name: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _data_and_architecture(c, spec: dict, n_val: int, activation: str) -> list[str]:
+    """The card's data section and the first line of its training section (shared by every method)."""
+    return [
+        "## Data",
+        "",
+        f"- Data: `{c.data or 'in-memory tensors'}`" + (f" — {c.data_description}" if c.data_description else ""),
+        f"- Input shape: {spec['input_shape']}, {spec['num_classes']} classes, pixels in [0, 1]",
+        f"- Held-out evaluation split: {n_val} samples (never used for training)",
+        "",
+        "## Training",
+        "",
+        f"- Architecture: {c.arch.upper()}, activation {activation}, orthogonal init",
+    ]
