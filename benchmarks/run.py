@@ -120,33 +120,6 @@ def bench_certify(repeats: int = 5) -> None:
 SHIPPED = ROOT / "models" / "mnist-5k-eps0.3" / "model.onnx"
 
 
-def _local_child(method: str, path: str, samples: str, eps: str) -> None:
-    """One certifier on the first ``samples`` test digits; prints VRA, seconds and peak RSS (fresh process)."""
-    import json
-    import resource
-
-    from glorocert.api import certify
-    from glorocert.certify import bcp, kw
-    from glorocert.data import open_dataset
-
-    loaded = load(path)
-    data = open_dataset("mnist-5k", split="test", limit=int(samples))
-    batch = next(data.batches(int(samples)))
-    eps_value = float(eps)
-    t0 = time.perf_counter()
-    if method in ("gloro", "cascade"):
-        result = certify(loaded, data, [eps_value], method=method, fallback="bcp")
-        certified = result.rows[f"certified@{eps_value:g}"]
-    else:
-        predicted = torch.from_numpy(loaded.runner(batch.x).argmax(1))
-        module = {"bcp": bcp, "kw": kw}[method]
-        ok = module.certify(loaded.graph, torch.from_numpy(batch.x), predicted, eps_value).numpy()
-        certified = ok & (predicted.numpy() == batch.y)
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"vra": float(np.mean(certified)), "seconds": seconds,
-                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-
-
 RELU_DIR = Path("/tmp/glorocert-bench-relu")
 
 
@@ -164,29 +137,13 @@ def relu_model() -> Path:
 
 
 def bench_local(samples: int = 1000, kw_samples: int = 100, eps: float = 0.3) -> None:
-    """gloro vs BCP vs KW vs cascade on a GloRo-trained ReLU net: certification at one ε (GloRo paper, Fig. 4b)."""
-    import json
-    import subprocess
+    """gloro vs BCP vs KW vs cascade on a GloRo-trained ReLU net at one ε (GloRo paper, Fig. 4b): `glorocert compare-local`."""
+    from glorocert.compare_local import Source, compare_local, report_table
 
     model = relu_model()
-    table = Table(title=f"certifiers on a GloRo ReLU 2C2F, mnist-5k test, ε={eps} (each in a fresh process)")
-    for col in ("method", "samples", "clean→VRA", "seconds", "s/sample", "× gloro time/sample", "peak RSS"):
-        table.add_column(col)
-    results = {}
-    for method in ("gloro", "bcp", "kw", "cascade"):
-        n = kw_samples if method == "kw" else samples
-        done = subprocess.run([sys.executable, __file__, "_local", method, str(model), str(n), str(eps)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            table.add_row(method, str(n), "failed: " + done.stderr.strip().splitlines()[-1][:60], "", "", "", "")
-            continue
-        r = json.loads(done.stdout.strip().splitlines()[-1])
-        results[method] = (r, n)
-        base = results["gloro"][0]["seconds"] / results["gloro"][1] if "gloro" in results else None
-        per = r["seconds"] / n
-        table.add_row(method, str(n), f"{100 * r['vra']:.1f}%", f"{r['seconds']:.2f}", f"{per:.2e}",
-                      f"{per / base:.0f}×" if base else "", f"{r['rss'] / 2**20:.0f} MiB")
-    console.print(table)
+    report = compare_local(Source(str(model), data="mnist-5k", split="test", limit=samples), [eps], kw_limit=kw_samples,
+                           progress=lambda method, n: console.print(f"  {method}: {n} samples…"))
+    console.print(report_table(report, f"certifiers on a GloRo ReLU 2C2F, mnist-5k test, ε={eps} (each in a fresh process)"))
 
 
 def bench_smoothing(samples: int = 10, n_measured: int = 10_000, sigma: float = 0.25) -> None:
@@ -276,9 +233,6 @@ SECTIONS = {"bounds": bench_bounds, "certify": bench_certify, "local": bench_loc
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_rss"]:
         _rss_child(*sys.argv[2:4])
-        sys.exit(0)
-    if sys.argv[1:2] == ["_local"]:
-        _local_child(*sys.argv[2:6])
         sys.exit(0)
     chosen = sys.argv[1:] or list(SECTIONS)
     for name in chosen:

@@ -157,9 +157,29 @@ def certify(
 
     ``method``: ``gloro`` — the frozen global bound, one forward pass per batch;
     ``bcp`` / ``kw`` — local bounds (certify/bcp.py, certify/kw.py) on every
-    sample, radius by bisection; ``cascade`` — gloro on everything, then the
-    ``fallback`` local method only on samples that gloro leaves ⊥ at the
-    largest ε, keeping the larger of the two radii.
+    sample, full radius by bisection on ε (≈ 12 local passes per sample);
+    ``cascade`` — gloro on everything, then the ``fallback`` local method, one
+    pass per *requested* ε, only where gloro abstains (see below).
+
+    The cascade goes through the requested ε in descending order; at each ε
+    the local method runs only on the samples that gloro leaves ⊥ there
+    (gloro radius ≤ ε) and that the local method has not already certified
+    at a larger ε (a certificate for the closed ball of radius ε' covers
+    every ε ≤ ε'). A sample's reported radius is max(gloro radius, largest
+    requested ε at which the local method certified it) — a sound lower
+    bound on its true radius, but on the requested-ε grid, not a bisected
+    one. Rows of a cascade also carry ``gloro_radius`` and ``local_eps``
+    (that largest ε, NaN when the local method did not certify the sample);
+    ``bottom@ε`` is False where ``local_eps ≥ ε`` (the local certificate
+    covers the closed ball, so a radius equal to ε certifies ε). The
+    summary adds ``local_samples`` (distinct samples the local method ran
+    on), ``local_passes`` (sample·ε evaluations), ``local_seconds`` and
+    ``rescued`` (per ε: correct samples certified by the cascade but ⊥
+    under gloro).
+
+    BCP (as a method or the fallback) takes its guaranteed operator norms
+    from a sound frozen bound instead of recomputing them (see
+    :func:`local_options`).
     """
     if method not in METHODS:
         raise GlorocertError(f"--method {method!r}: use one of {', '.join(METHODS)}")
@@ -178,8 +198,11 @@ def certify(
     margin_matrix = bound.margin_matrix
     rtol = max(gloro.ROUNDING_RTOL, 4 * model.equivalence_gap)
     shift, scale = _normaliser(normalization, len(model.input_shape))
-    local = _local_certifier(method, fallback, model, normalization, max(eps))
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("index", "label", "predicted", "runner_up", "margin", "radius", "seconds")}
+    local = _local_certifier(method, fallback, model, normalization, eps, bound)
+    columns = ("index", "label", "predicted", "runner_up", "margin", "radius", "seconds")
+    if method == "cascade":
+        columns += ("gloro_radius", "local_eps")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in columns}
     forward_seconds = 0.0
     started = time.perf_counter()
     for batch in dataset.batches(batch_size):
@@ -197,8 +220,12 @@ def certify(
             raise GlorocertError(f"{dataset.name}: the model outputs NaN/inf on row {row}")
         predicted, runner_up, margin, radius = gloro.radii(logits, margin_matrix, rtol)
         seconds = np.zeros(len(radius))
-        if local is not None:
-            radius, seconds = local(batch.x, predicted, radius)
+        if method == "cascade":
+            parts["gloro_radius"].append(radius)
+            radius, seconds, local_eps = local.cascade(batch.x, predicted, radius)
+            parts["local_eps"].append(local_eps)
+        elif local is not None:
+            radius, seconds = local(batch.x, predicted)
         parts["seconds"].append(seconds)
         parts["index"].append(batch.index)
         parts["label"].append(batch.y if batch.y is not None else np.full(len(batch.index), -1))
@@ -215,8 +242,11 @@ def certify(
     rows["label"] = rows["label"].astype(np.int64)
     rows["correct"] = (rows["predicted"] == rows["label"]) if dataset.has_labels else np.ones(len(rows["index"]), bool)
     for e in eps:
-        rows[f"bottom@{eps_key(e)}"] = gloro.bottom_flags(rows["radius"], e)
-        rows[f"certified@{eps_key(e)}"] = rows["correct"] & ~rows[f"bottom@{eps_key(e)}"]
+        bottom = gloro.bottom_flags(rows["radius"], e)
+        if "local_eps" in rows:  # a local certificate at ε covers the closed ball: radius == ε certifies ε
+            bottom &= ~(rows["local_eps"] >= e)  # NaN (no local certificate) compares False
+        rows[f"bottom@{eps_key(e)}"] = bottom
+        rows[f"certified@{eps_key(e)}"] = rows["correct"] & ~bottom
     summary = summarize(rows, eps)
     if local is not None:
         summary.update(local.report(rows, eps))
@@ -257,44 +287,116 @@ METHODS = ("gloro", "bcp", "kw", "cascade")
 
 
 class _LocalStage:
-    """Local-bound certification of selected samples (all for bcp/kw, gloro's ⊥ ones for cascade)."""
+    """Local-bound certification: every sample by bisection (bcp/kw), or gloro's ⊥ samples at the requested ε (cascade)."""
 
-    def __init__(self, method: str, module, graph, eps_max: float):
-        self.method, self.module, self.graph = method, module, graph
-        self.eps_max = eps_max
-        self.search_max = max(2.0, 2.0 * eps_max)
-        self.samples, self.seconds = 0, 0.0
-        self.rescued_from: dict[int, float] = {}  # index position → gloro radius, for the cascade report
+    def __init__(self, module, graph, eps: Sequence[float], options: dict | None = None):
+        self.module, self.graph, self.options = module, graph, options or {}
+        self.eps = sorted({float(e) for e in eps}, reverse=True)
+        self.search_max = max(2.0, 2.0 * self.eps[0])
+        self.samples, self.passes, self.seconds = 0, 0, 0.0
 
-    def __call__(self, x: np.ndarray, predicted: np.ndarray, gloro_radius: np.ndarray):
-        chosen = np.ones(len(x), bool) if self.method != "cascade" else gloro_radius <= self.eps_max
-        radius, seconds = gloro_radius.copy(), np.zeros(len(x))
-        if chosen.any():
-            import torch
+    @property
+    def name(self) -> str:
+        return self.module.__name__.rsplit(".", 1)[-1]
 
+    def __call__(self, x: np.ndarray, predicted: np.ndarray):
+        """bcp/kw: a full certified radius per sample, by bisection on [0, search_max]; (radius, seconds)."""
+        import torch
+
+        t0 = time.perf_counter()
+        radius = self.module.certified_radius(
+            self.graph, torch.from_numpy(x), torch.from_numpy(predicted), eps_max=self.search_max, **self.options
+        ).numpy()
+        elapsed = time.perf_counter() - t0
+        self.samples += len(x)
+        self.seconds += elapsed
+        return radius, np.full(len(x), elapsed / max(len(x), 1))
+
+    def cascade(self, x: np.ndarray, predicted: np.ndarray, gloro_radius: np.ndarray):
+        """One local pass per requested ε (descending) on the samples gloro leaves ⊥ there and the local
+        method has not certified at a larger ε; (radius, seconds, local_eps)."""
+        import torch
+
+        n = len(x)
+        local_eps = np.full(n, np.nan)  # largest requested ε the local method certified (closed ball)
+        seconds = np.zeros(n)
+        ran = np.zeros(n, bool)
+        for e in self.eps:
+            todo = np.flatnonzero(gloro.bottom_flags(gloro_radius, e) & np.isnan(local_eps))
+            if not len(todo):
+                continue
             t0 = time.perf_counter()
-            local = self.module.certified_radius(
-                self.graph, torch.from_numpy(x[chosen]), torch.from_numpy(predicted[chosen]), eps_max=self.search_max
-            ).numpy()
+            ok = self.module.certify(self.graph, torch.from_numpy(x[todo]), torch.from_numpy(predicted[todo]), e, **self.options).numpy()
             elapsed = time.perf_counter() - t0
-            radius[chosen] = np.maximum(local, gloro_radius[chosen]) if self.method == "cascade" else local
-            seconds[chosen] = elapsed / chosen.sum()
-            self.samples += int(chosen.sum())
+            local_eps[todo[ok]] = e
+            seconds[todo] += elapsed / len(todo)
+            ran[todo] = True
+            self.passes += len(todo)
             self.seconds += elapsed
-        return radius, seconds
+        self.samples += int(ran.sum())
+        return np.fmax(gloro_radius, local_eps), seconds, local_eps  # fmax: NaN (not certified) keeps gloro's
 
     def report(self, rows: dict, eps: list[float]) -> dict:
-        return {"local_method": self.module.__name__.rsplit(".", 1)[-1], "local_samples": self.samples, "local_seconds": self.seconds}
+        report = {"local_method": self.name, "local_samples": self.samples, "local_seconds": self.seconds}
+        if "gloro_radius" in rows:  # cascade
+            rescued = {}
+            for e in eps:
+                gloro_bottom = gloro.bottom_flags(rows["gloro_radius"], e)
+                rescued[eps_key(e)] = int((rows[f"certified@{eps_key(e)}"] & gloro_bottom).sum())
+            report.update(local_passes=self.passes, rescued=rescued)
+        else:
+            report.update(local_passes=None)  # bisection: a variable number of passes per sample
+        return report
 
 
-def _local_certifier(method: str, fallback: str, model: Model, normalization: dict | None, eps_max: float):
+def _local_certifier(method: str, fallback: str, model: Model, normalization: dict | None, eps: Sequence[float], bound: Bound):
     if method == "gloro":
         return None
     from glorocert.certify import bcp, kw
 
     graph = normalised_graph(model.graph, normalization)
     module = {"bcp": bcp, "kw": kw}[fallback if method == "cascade" else method]
-    return _LocalStage(method, module, graph, eps_max)
+    return _LocalStage(module, graph, eps, local_options(module, graph, bound))
+
+
+def local_options(module, graph, bound: Bound) -> dict:
+    """Keyword arguments for ``module.certify`` / ``certified_radius`` on ``graph`` (the normalised graph of ``bound``'s model).
+
+    BCP needs guaranteed operator norms of every linear block and the margin
+    matrix; computing them (``lipschitz.compose``) costs far more than a BCP
+    pass. A *sound* frozen bound holds exactly these guaranteed values for this
+    graph (its hash and normalisation were checked by ``resolve_bound``), so
+    they are reused. An estimate-mode bound, or one that does not name every
+    linear block, is not: BCP then composes its own.
+    """
+    from glorocert.certify import bcp
+
+    if module is not bcp:
+        return {}
+    composition = composition_from_bound(bound, graph)
+    return {} if composition is None else {"composition": composition}
+
+
+def composition_from_bound(bound: Bound, graph):
+    """The guaranteed part of ``bound`` as a ``lipschitz.compose`` Composition for ``graph``, or None (see local_options)."""
+    from glorocert.lipschitz.compose import BlockBound, Composition, blocks_of
+
+    if bound.mode != "sound":
+        return None
+    blocks = [
+        BlockBound(b["name"], b["op"], tuple(b["in_shape"]), tuple(b["out_shape"]), float(b["estimate"]), float(b["upper"]),
+                   b["method"], int(b.get("iterations", 0)), bool(b.get("converged", True)))
+        for b in bound.blocks
+    ]
+    known = {b.name: b for b in blocks}
+    for block in blocks_of(graph):
+        if block.linear and (block.name not in known or known[block.name].in_shape != tuple(block.in_shape)
+                             or known[block.name].out_shape != tuple(block.out_shape)):
+            return None
+    margin = np.asarray(bound.margin_upper, dtype=np.float64)
+    if margin.shape != (graph.num_classes, graph.num_classes):
+        return None
+    return Composition(blocks, bound.global_estimate, bound.global_upper, bound.margin_estimate, bound.margin_upper, bound.margin_method)
 
 
 def _normaliser(normalization: dict | None, rank: int):

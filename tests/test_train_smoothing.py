@@ -141,7 +141,7 @@ def test_gaussian_resume_gives_the_same_weights(digits, tmp_path):
 
 
 def test_unknown_method_is_rejected_with_a_clear_error(tmp_path):
-    with pytest.raises(GlorocertError, match=r"unknown method 'smooth'; valid: gloro, gaussian, macer"):
+    with pytest.raises(GlorocertError, match=r"unknown method 'smooth'; valid: gloro, bcp, kw, gaussian, macer"):
         TrainConfig(method="smooth")
     with pytest.raises(GlorocertError, match="sigma"):
         TrainConfig(method="gaussian", sigma=0.0)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -80,6 +81,7 @@ class WorstCase:
     point: torch.Tensor  # final iterate h (…, d) — diagnostic, never itself a certificate
     iterations: torch.Tensor  # box checks performed
     terminated: torch.Tensor  # the loop reached a point inside the box (False ⇒ fallback used)
+    multiplier: torch.Tensor  # t* = 1/λ* of the final iterate h = clip(z − t*c) (inf: box-only)
 
 
 def ball_bound(c, z, rho):
@@ -115,14 +117,31 @@ def worst_case(c, z, rho, lo, hi, *, max_iterations: int | None = None) -> Worst
     is back on the sphere, t ← √(ρ² − ‖h_I − z_I‖²)/‖c_free‖ (eq. 12). See the
     module docstring for why the returned value is sound. ``max_iterations``
     (default d + 1, which always suffices) exists to test the fallback.
+
+    The loop only *finds* the multiplier t* (without gradients); the value is
+    then g(1/t*), written with differentiable ops, so the same function gives
+    the training loss its gradient (by the envelope theorem, g's partial
+    derivatives at the optimum are the optimum's).
     """
     c, z, lo, hi = torch.broadcast_tensors(c, z, lo, hi)
     batch, d = c.shape[:-1], c.shape[-1]
     rho = torch.as_tensor(rho, dtype=c.dtype).expand(batch).reshape(-1)
     c, z, lo, hi = (v.reshape(-1, d) for v in (c, z, lo, hi))  # contiguous (B, d) copies
-    limit = d + 1 if max_iterations is None else max_iterations
-    norm_c = c.norm(dim=-1)
     fallback = torch.maximum(ball_bound(c, z, rho), box_bound(c, lo, hi))
+    with torch.no_grad():
+        t, point, iterations, done, degenerate = _multiplier(c, z, rho, lo, hi, d + 1 if max_iterations is None else max_iterations)
+    # t = inf is the box-only bound, already in the fallback; a finite stand-in keeps gradients finite
+    usable = done & ~degenerate & torch.isfinite(t)
+    dual = dual_bound(c, z, rho, lo, hi, torch.where(usable, t, torch.ones_like(t)))
+    usable = usable & ~torch.isnan(dual)
+    value = torch.where(usable, torch.maximum(dual, fallback), fallback)
+    return WorstCase(value.reshape(batch), point.reshape(*batch, d), iterations.reshape(batch), done.reshape(batch),
+                     t.reshape(batch))
+
+
+def _multiplier(c, z, rho, lo, hi, limit: int):
+    """The clip-and-rescale loop on (B, d) problems: (t, final iterate, box checks, terminated, degenerate)."""
+    norm_c = c.norm(dim=-1)
     # ρ = 0 or c = 0: the ball-only bound is exact (min over {z}, or the constant 0)
     degenerate = (norm_c == 0) | (rho == 0)
     t = torch.where(degenerate, torch.zeros_like(rho), rho / torch.where(degenerate, torch.ones_like(norm_c), norm_c))
@@ -152,11 +171,8 @@ def worst_case(c, z, rho, lo, hi, *, max_iterations: int | None = None) -> Worst
         keep = ~inside
         index, ca, za, loa, hia, rhoa, clipped = (v[keep] for v in (index, ca, za, loa, hia, rhoa, clipped))
         ta = t_next[keep]
-    value = dual_bound(c, z, rho, lo, hi, t)
-    good = done & ~degenerate & ~torch.isnan(value)
-    value = torch.where(good, torch.maximum(value, fallback), fallback)
     done = done & ~torch.isnan(t)
-    return WorstCase(value.reshape(batch), point.reshape(*batch, d), iterations.reshape(batch), done.reshape(batch))
+    return t, point, iterations, done, degenerate
 
 
 # --------------------------------------------------------------------------- the plan (once per graph)
@@ -197,7 +213,7 @@ def _check_node(node: Node) -> None:
         )
 
 
-def _build_plan(graph: Graph, composition: Composition | None) -> _Plan:
+def _check_graph(graph: Graph) -> list:
     for node in local.chain(graph, METHOD):
         _check_node(node)
     blocks = blocks_of(graph)
@@ -206,11 +222,16 @@ def _build_plan(graph: Graph, composition: Composition | None) -> _Plan:
         raise GlorocertError(f"{METHOD} needs the network to end with a linear layer; it ends with {head.description}")
     if not fits_in_memory(head.in_shape, head.out_shape):
         raise GlorocertError(f"{METHOD}: the last linear segment {head.in_shape}→{head.out_shape} is too large to materialise")
-    if composition is None:
-        # only the guaranteed values (block upper bounds, margin_upper) are read; they do not depend on
-        # how long power iteration ran, so its estimate is kept short here
-        composition = compose(graph, max_iter=200)
-    block_upper = {b.name: b.upper for b in composition.blocks}
+    return blocks
+
+
+def _build_plan(graph: Graph, blocks: list, block_norm: Callable, margin: torch.Tensor, dtype=torch.float64) -> _Plan:
+    """The propagation plan, given each linear block's operator-norm value and the margin matrix K.
+
+    For certification these are guaranteed upper bounds (:func:`_sound_plan`);
+    for training, differentiable power-iteration estimates (:func:`training_lower_bounds`).
+    ``dtype`` float64 copies the parameters; any other dtype uses the graph's own (live) tensors.
+    """
     factor = 1.0 + FLOAT_MARGIN
     steps: list[_Step] = []
     lip = 1.0
@@ -218,7 +239,7 @@ def _build_plan(graph: Graph, composition: Composition | None) -> _Plan:
         if block.linear:
             shape, preceding = block.in_shape, []
             for node in block.nodes:
-                op = local.as_double(node.op)
+                op = local.for_dtype(node.op, dtype)
                 step = _Step(node, shape, math.nan, math.nan)
                 if isinstance(op, (Linear, Conv2d)):
                     # ρ at this op's input: the bound of the ops before it in the segment (rarely any but Reshape/Affine)
@@ -233,25 +254,42 @@ def _build_plan(graph: Graph, composition: Composition | None) -> _Plan:
                 steps.append(step)
                 preceding.append((op, shape))
                 shape = graph.shapes[node.name]
-            lip *= block_upper[block.name]
+            lip = lip * block_norm(block)
         else:
             node = block.nodes[0]
             lip_out = lip * node.op.lipschitz
             steps.append(_Step(node, block.in_shape, lip, lip_out))
             lip = lip_out
-    a = materialise(head.homogeneous, head.in_shape)  # (C, d)
-    zero = torch.zeros(1, *head.in_shape, dtype=torch.float64)
-    bias = zero
-    for node in head.nodes:
-        bias = local.as_double(node.op).forward(bias)
-    k = torch.tensor(composition.margin_upper, dtype=torch.float64)
-    return _Plan(steps, a, bias.reshape(-1), lip, k)
+    head = blocks[-1]
+    head_ops = [local.for_dtype(node.op, dtype) for node in head.nodes]
+    bias = torch.zeros(1, *head.in_shape, dtype=dtype)
+    for op in head_ops:
+        bias = op.forward(bias)
+
+    def homogeneous(v):
+        for op in head_ops:
+            v = op.homogeneous(v)
+        return v
+
+    a = materialise(homogeneous, head.in_shape).to(dtype)  # (C, d)
+    return _Plan(steps, a, bias.reshape(-1), lip, margin.to(dtype))
+
+
+def _sound_plan(graph: Graph, composition: Composition | None) -> _Plan:
+    blocks = _check_graph(graph)  # refuse unsupported graphs before the (costly) composition
+    if composition is None:
+        # only the guaranteed values (block upper bounds, margin_upper) are read; they do not depend on
+        # how long power iteration ran, so its estimate is kept short here
+        composition = compose(graph, max_iter=200)
+    upper = {b.name: b.upper for b in composition.blocks}
+    margin = torch.tensor(composition.margin_upper, dtype=torch.float64)
+    return _build_plan(graph, blocks, lambda block: upper[block.name], margin)
 
 
 def _plan(graph: Graph, composition: Composition | None) -> _Plan:
     if composition is not None:
-        return _build_plan(graph, composition)
-    return local.cached(graph, "bcp-plan", lambda: _build_plan(graph, None))
+        return _sound_plan(graph, composition)
+    return local.cached(graph, "bcp-plan", lambda: _sound_plan(graph, None))
 
 
 # --------------------------------------------------------------------------- propagation
@@ -364,5 +402,23 @@ def certified_radius(
     return local.bisect_radius(certified_at, x.shape[0], eps_max=eps_max, tol=tol)
 
 
-__all__ = ["certify", "certified_radius", "lower_bounds", "penultimate_bounds", "worst_case", "WorstCase", "propagate",
+def training_lower_bounds(
+    graph: Graph, x: torch.Tensor, labels: torch.Tensor, eps: float, *,
+    block_norm: Callable, margin: torch.Tensor,
+) -> torch.Tensor:
+    """BCP's bounds as a differentiable training objective (the paper's worst-translated logits, eq. 13).
+
+    Same propagation and worst-case point as :func:`lower_bounds`, but in
+    ``x``'s dtype, on the graph's live parameters, with gradients, and with
+    each linear block's norm (``block_norm(block)``) and the margin matrix
+    ``margin`` supplied by the caller — during training, power-iteration
+    *estimates*. The result therefore certifies nothing; the trained model is
+    certified afterwards by :func:`certify` with guaranteed bounds.
+    """
+    plan = _build_plan(graph, _check_graph(graph), block_norm, margin, dtype=x.dtype)
+    eps_t = torch.full((x.shape[0],), float(eps), dtype=x.dtype)
+    return _lower_bounds(plan, x, labels, eps_t)
+
+
+__all__ = ["certify", "certified_radius", "lower_bounds", "training_lower_bounds", "penultimate_bounds", "worst_case", "WorstCase", "propagate",
            "ball_bound", "box_bound", "dual_bound"]

@@ -95,19 +95,20 @@ class _Plan:
     head_back: torch.Tensor  # (C, *in_K)
 
 
-def _identity_back(segment: _Segment) -> torch.Tensor:
+def _identity_back(segment: _Segment, dtype) -> torch.Tensor:
     n = math.prod(segment.out_shape)
     m = math.prod(segment.in_shape)
     rows, chunk = [], max(1, min(n, 4_000_000 // max(n, m)))
     for start in range(0, n, chunk):  # the identity, a block of rows at a time
         k = min(chunk, n - start)
-        basis = torch.zeros(k, n, dtype=torch.float64)
+        basis = torch.zeros(k, n, dtype=dtype)
         basis[torch.arange(k), torch.arange(start, start + k)] = 1.0
         rows.append(segment.adjoint(basis.reshape(k, *segment.out_shape)))
     return torch.cat(rows)
 
 
-def _build_plan(graph: Graph) -> _Plan:
+def _build_plan(graph: Graph, dtype=torch.float64) -> _Plan:
+    """float64 copies the parameters; any other dtype keeps the graph's own (live, differentiable) tensors."""
     nodes: list[Node] = local.chain(graph, METHOD)
     segments, relu_names, current, shape = [], [], [], graph.input_shape
     seg_in = shape
@@ -120,7 +121,7 @@ def _build_plan(graph: Graph) -> _Plan:
         elif isinstance(op, Activation) and op.kind == "identity":
             pass
         elif isinstance(op, LINEAR_OPS):
-            current.append(local.as_double(op))
+            current.append(local.for_dtype(op, dtype))
         else:
             raise GlorocertError(
                 f"{METHOD} supports ReLU networks only (Linear, Conv2d, Affine, Reshape, AvgPool, ReLU): "
@@ -139,9 +140,9 @@ def _build_plan(graph: Graph) -> _Plan:
                 f"{math.prod(seg.out_shape)}×{widest} coefficients per sample (O(n²) memory, limit "
                 f"{MAX_DENSE_ENTRIES:,}); the network is too large for exact KW bounds"
             )
-    biases = [seg.forward(torch.zeros(1, *seg.in_shape, dtype=torch.float64)).reshape(-1) for seg in segments]
-    identity_back = [_identity_back(seg) for seg in segments[:-1]]
-    head_back = _identity_back(segments[-1])
+    biases = [seg.forward(torch.zeros(1, *seg.in_shape, dtype=dtype)).reshape(-1) for seg in segments]
+    identity_back = [_identity_back(seg, dtype) for seg in segments[:-1]]
+    head_back = _identity_back(segments[-1], dtype)
     return _Plan(segments, relu_names, biases, identity_back, head_back)
 
 
@@ -175,8 +176,8 @@ def _backward(plan: _Plan, lam, const, magnitude, start: int, relax, x, eps, q):
     n = x.shape[0]
     shared = lam.dim() == len(plan.segments[start].in_shape) + 1
     rows = lam.shape[0] if shared else lam.shape[1]
-    low_extra = torch.zeros(n, rows, dtype=torch.float64)
-    up_extra = torch.zeros(n, rows, dtype=torch.float64)
+    low_extra = torch.zeros(n, rows, dtype=x.dtype)
+    up_extra = torch.zeros(n, rows, dtype=x.dtype)
     for k in range(start, 0, -1):  # through ReLU k (relax[k − 1]), then segment k − 1
         slope, offset = (v.flatten(1) for v in relax[k - 1])  # (N, W); offset = d·ℓ ≤ 0 on crossing units
         bias = plan.biases[k - 1]
@@ -232,12 +233,12 @@ def _bounds_and_spec(plan: _Plan, x, eps, q, spec_rows=None):
         seg = plan.segments[k]
         widest = max(widest, math.prod(seg.in_shape))
         rows = back.shape[0]
-        lower = torch.empty(n, rows, dtype=torch.float64)
-        upper = torch.empty(n, rows, dtype=torch.float64)
+        lower = torch.empty(n, rows, dtype=x.dtype)
+        upper = torch.empty(n, rows, dtype=x.dtype)
         for part in _chunks(n, rows, widest) if k > 0 else [slice(0, n)]:
             m = part.stop - part.start
             const = plan.biases[k].unsqueeze(0).expand(m, rows)
-            magnitude = torch.zeros(m, rows, dtype=torch.float64)
+            magnitude = torch.zeros(m, rows, dtype=x.dtype)
             sub_relax = [(s[part], o[part]) for s, o in relax]
             lower[part], upper[part] = _backward(plan, back, const, magnitude, k, sub_relax, x[part], eps[part], q)
         lower, upper = lower.view(n, *seg.out_shape), upper.view(n, *seg.out_shape)
@@ -248,7 +249,7 @@ def _bounds_and_spec(plan: _Plan, x, eps, q, spec_rows=None):
     head = plan.segments[-1]
     widest = max(widest, math.prod(head.in_shape))
     classes = spec_rows.shape[1]
-    out = torch.empty(n, classes, dtype=torch.float64)
+    out = torch.empty(n, classes, dtype=x.dtype)
     k = len(plan.identity_back)
     for part in _chunks(n, classes, widest):
         rows = spec_rows[part]  # (m, C, C): row i is e_ŷ − e_i on the output
@@ -269,7 +270,7 @@ def _norm_order(norm: str) -> float:
 def _lower_bounds(plan: _Plan, x, predicted, eps, q) -> torch.Tensor:
     n = x.shape[0]
     classes = plan.head_back.shape[0]
-    eye = torch.eye(classes, dtype=torch.float64)
+    eye = torch.eye(classes, dtype=x.dtype)
     spec = eye[predicted].unsqueeze(1) - eye.unsqueeze(0)  # (N, C, C)
     _, bound = _bounds_and_spec(plan, x, eps, q, spec)
     bound = torch.nan_to_num(bound, nan=-math.inf)
@@ -334,4 +335,18 @@ def certified_radius(
     return local.bisect_radius(certified_at, x.shape[0], eps_max=eps_max, tol=tol)
 
 
-__all__ = ["certify", "certified_radius", "lower_bounds", "layer_bounds", "NORMS"]
+def training_lower_bounds(graph: Graph, x: torch.Tensor, labels: torch.Tensor, eps: float, *, norm: str = "l2") -> torch.Tensor:
+    """J as a differentiable training objective (the paper's robust loss is CE(−J, y)).
+
+    The same dual network as :func:`lower_bounds`, rebuilt on every call from
+    the graph's live parameters, in ``x``'s dtype (float32 in training), with
+    gradients. Exact bounds (no random projections): the cost is that of
+    certification, O(units²) per sample, so it suits small networks.
+    """
+    q = _norm_order(norm)
+    plan = _build_plan(graph, dtype=x.dtype)
+    eps_t = torch.full((x.shape[0],), float(eps), dtype=x.dtype)
+    return _lower_bounds(plan, x, labels, eps_t, q)
+
+
+__all__ = ["certify", "certified_radius", "lower_bounds", "training_lower_bounds", "layer_bounds", "NORMS"]

@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from glorocert.errors import GlorocertError
 from glorocert.graph import Affine, Conv2d, Graph, Linear, Node, Op, Reshape
@@ -45,6 +46,11 @@ def as_double(op: Op) -> Op:
     if isinstance(op, Affine):
         return Affine(op.scale.double(), op.shift.double())
     return op
+
+
+def for_dtype(op: Op, dtype: torch.dtype) -> Op:
+    """float64: :func:`as_double` (certification); any other dtype: the op itself, parameters live (training)."""
+    return as_double(op) if dtype == torch.float64 else op
 
 
 # --------------------------------------------------------------------------- inputs
@@ -129,10 +135,20 @@ def adjoint(op: Op, cotangent: torch.Tensor, in_shape: tuple[int, ...]) -> torch
     if isinstance(op, Conv2d):
         t, bo, l, r = op.padding
         c, h, w = in_shape
-        padded = torch.nn.grad.conv2d_input(
-            (b, c, h + t + bo, w + l + r), op.weight.to(cotangent.dtype), cotangent,
-            op.stride, 0, op.dilation, op.groups,
-        )
+        # the transposed convolution onto the padded input, then the padding cropped off; rows/columns the
+        # forward never reached (the output_padding) get zero
+        kh, kw = op.weight.shape[2:]
+        reach_h = (cotangent.shape[2] - 1) * op.stride[0] + op.dilation[0] * (kh - 1) + 1
+        reach_w = (cotangent.shape[3] - 1) * op.stride[1] + op.dilation[1] * (kw - 1) + 1
+        extra = (h + t + bo - reach_h, w + l + r - reach_w)
+        if max(extra) < min(op.stride) or extra == (0, 0):
+            padded = F.conv_transpose2d(cotangent, op.weight.to(cotangent.dtype), None, op.stride, 0, extra,
+                                        op.groups, op.dilation)
+        else:
+            padded = torch.nn.grad.conv2d_input(
+                (b, c, h + t + bo, w + l + r), op.weight.to(cotangent.dtype), cotangent,
+                op.stride, 0, op.dilation, op.groups,
+            )
         return padded[:, :, t : t + h, l : l + w]
     # any other linear op (average pooling): reverse-mode through its forward at zero
     zero = torch.zeros(b, *in_shape, dtype=cotangent.dtype, requires_grad=True)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from glorocert.errors import GlorocertError
-from glorocert.train import losses
+from glorocert.train import local_losses, losses
 from glorocert.train.architectures import build, validate_spec
 from glorocert.train.power import PowerIteration
 from glorocert.train.schedules import parse_schedule
@@ -49,6 +49,11 @@ LOG_COLUMNS = (
 # --method gaussian|macer: a smoothing base model has no VRA, ⊥ or Lipschitz columns.
 SMOOTHING_LOG_COLUMNS = ("epoch", "loss", "noisy_acc", "clean_acc", "lr", "seconds")
 
+# Default (ε schedule, λ/κ schedule) per method: the GloRo paper's scripts ramp λ over the run; BCP
+# ramps ε and κ over the first part of training (Lee et al. 2020, §3.3); Wong & Kolter ramp ε over
+# the first half and train on the robust loss alone (κ = 1 throughout).
+METHOD_SCHEDULES = {"gloro": ("fixed", "linear"), "bcp": ("linear_half", "linear_half"), "kw": ("linear_half", "fixed")}
+
 # Fields that may differ between an interrupted run and its --resume.
 _RESUME_FREE_FIELDS = {"resume", "out_dir", "command", "data_description", "device", "eval_batch_size"}
 
@@ -60,13 +65,13 @@ class TrainConfig:
     arch: str = "2c2f"
     activation: str = "relu"
     minmax_pairing: str = "halves"
-    method: str = "gloro"               # gloro | gaussian (Cohen et al.) | macer (Zhai et al.)
+    method: str = "gloro"               # gloro | bcp | kw (local bounds) | gaussian (Cohen et al.) | macer (Zhai et al.)
     loss: str = "gloro"                 # ce | gloro | trades (method gloro only)
     eps: float = 0.3                    # test ε (l2, [0,1] pixels): VRA is measured here
     train_eps: float | None = None      # ε the loss uses (default: eps); may exceed eps
-    eps_schedule: str = "fixed"         # see glorocert.train.schedules
-    lam: float = 1.0                    # TRADES λ (final value)
-    lam_schedule: str = "linear"
+    eps_schedule: str | None = None     # see glorocert.train.schedules; None: the method's default (METHOD_SCHEDULES)
+    lam: float = 1.0                    # final TRADES λ (gloro) or mixing weight κ of the robust loss (bcp / kw)
+    lam_schedule: str | None = None     # None: the method's default
     epochs: int = 10
     warmup_epochs: int = 0              # epochs of plain CE before the GloRo loss starts
     batch_size: int = 256
@@ -95,10 +100,18 @@ class TrainConfig:
     @property
     def smoothing(self) -> bool:
         """True for randomized-smoothing base models (method gaussian or macer)."""
-        return self.method != "gloro"
+        return self.method in losses.SMOOTHING_METHODS
+
+    @property
+    def local(self) -> bool:
+        """True for the local-bound training objectives (method bcp or kw)."""
+        return self.method in local_losses.METHODS
 
     def __post_init__(self) -> None:
         losses.parse_method(self.method)
+        defaults = METHOD_SCHEDULES.get(self.method, METHOD_SCHEDULES["gloro"])
+        self.eps_schedule = self.eps_schedule or defaults[0]
+        self.lam_schedule = self.lam_schedule or defaults[1]
         losses.parse_loss(self.loss)
         parse_schedule(self.eps_schedule, "eps")
         parse_schedule(self.lam_schedule, "lam")
@@ -117,6 +130,11 @@ class TrainConfig:
             (self.power_iterations >= 0, "power_iterations must be >= 0"),
             (self.converge_tol > 0, "converge_tol must be > 0"),
         ]
+        if self.local:
+            checks.append((self.activation == "relu",
+                           f"--method {self.method} trains ReLU networks (its bounds need a monotone "
+                           f"activation), got --activation {self.activation}; use --activation relu"))
+            checks.append((self.lam <= 1, f"--lam is the mixing weight κ in [0, 1] for --method {self.method}, got {self.lam}"))
         if self.smoothing:
             checks += [
                 (math.isfinite(self.sigma) and self.sigma > 0,
@@ -173,6 +191,7 @@ class TrainResult:
     files: dict[str, str] = field(default_factory=dict)
     bound_error: str | None = None         # why the frozen bound could not be produced
     noisy_acc: float | None = None         # smoothing base models: held-out accuracy on x + N(0, σ²I)
+    vra_local_sound: float | None = None   # bcp / kw: held-out VRA by that certifier with guaranteed bounds
 
 
 class TrainProgress:
@@ -508,6 +527,7 @@ def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> Tr
                                 start_epoch, seconds_before, x_train, y_train, x_val, y_val, progress)
     _call(progress, "on_start", config.epochs, steps_per_epoch, start_epoch)
 
+    graph = local_losses.live_graph(model, spec["input_shape"]) if config.local else None
     train_eps = lam = lr = 0.0
     for epoch in range(start_epoch, config.epochs):
         epoch_start = time.perf_counter()
@@ -522,7 +542,8 @@ def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> Tr
             robust_progress = (global_step - warmup_steps) / max(total_steps - warmup_steps, 1)
             robust = config.loss != "ce" and global_step > warmup_steps
             train_eps = eps_schedule.ramp(robust_progress, config.train_eps) if robust else 0.0
-            lam = lam_schedule.ramp(robust_progress, config.lam) if robust and config.loss == "trades" else 0.0
+            ramps_lam = config.loss == "trades" or config.local
+            lam = lam_schedule.ramp(robust_progress, config.lam) if robust and ramps_lam else 0.0
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
@@ -530,6 +551,9 @@ def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> Tr
             logits = model(xb)
             if not robust:
                 loss = losses.cross_entropy(logits, yb)
+            elif config.local:
+                lower = local_losses.lower_bounds(config.method, graph, power, xb, yb, train_eps)
+                loss = local_losses.mixed_loss(logits, yb, lower, lam)
             elif config.loss == "gloro":
                 loss = losses.gloro_cross_entropy(logits, yb, power.margin_lipschitz(), train_eps)
             else:
@@ -540,7 +564,7 @@ def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> Tr
         power.converge(config.converge_tol, config.converge_max_iterations)
         with torch.no_grad():
             margin = power.margin_lipschitz()
-        metrics = evaluate(model, margin, x_val, y_val, config.eps, config.eval_batch_size)
+        metrics = _metrics(config, model, power, graph, margin, x_val, y_val)
         record = EpochRecord(
             epoch=epoch + 1,
             loss=loss_sum / max(seen, 1),
@@ -571,7 +595,7 @@ def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> Tr
     model.eval()
     with torch.no_grad():
         margin = power.margin_lipschitz().detach()
-    metrics = evaluate(model, margin, x_val, y_val, config.eps, config.eval_batch_size)
+    metrics = _metrics(config, model, power, graph, margin, x_val, y_val)
     result = TrainResult(
         model=model,
         spec=spec,
@@ -589,6 +613,18 @@ def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> Tr
 
         write_outputs(result, out, x_val, y_val, progress)
     return result
+
+
+def _metrics(config, model, power, graph, margin, x_val, y_val) -> dict[str, float]:
+    """Held-out clean accuracy and VRA at the test ε: by the GloRo rule with the converged estimate of K,
+    or (bcp / kw) by the method's own training-time bounds — KW on its first KW_EVAL_SAMPLES samples."""
+    if not config.local:
+        return evaluate(model, margin, x_val, y_val, config.eps, config.eval_batch_size)
+    if config.method == "kw":
+        x_val, y_val = x_val[:local_losses.KW_EVAL_SAMPLES], y_val[:local_losses.KW_EVAL_SAMPLES]
+    device = next(model.parameters()).device
+    return local_losses.evaluate(config.method, graph, power, model, x_val.to(device), y_val.to(device),
+                                 config.eps, config.eval_batch_size)
 
 
 def _train_smoothing(config, spec, device, model, power, optimizer, lr_schedule, out, history,

@@ -95,9 +95,10 @@ def parse_loss(name: str) -> str:
     return name
 
 
-# -- randomized-smoothing base models (Cohen et al. 2019; MACER, Zhai et al. 2020) --
+# -- training methods: GloRo; local-bound certifiers (train/local_losses.py); smoothing base models --
 
-METHODS = ("gloro", "gaussian", "macer")
+METHODS = ("gloro", "bcp", "kw", "gaussian", "macer")
+SMOOTHING_METHODS = ("gaussian", "macer")
 
 
 def parse_method(name: str) -> str:
@@ -106,6 +107,8 @@ def parse_method(name: str) -> str:
         raise GlorocertError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
     return name
 
+
+# -- randomized-smoothing base models (Cohen et al. 2019; MACER, Zhai et al. 2020) --
 
 # Probabilities are kept this far from 0 and 1 before Φ⁻¹ (whose derivative explodes there).
 MACER_PROB_CLAMP = 1e-6

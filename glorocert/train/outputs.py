@@ -50,6 +50,23 @@ def _sound_bound_and_vra(onnx_path: Path, eps: float, x_val: torch.Tensor, y_val
     return bound, float(certified.mean())
 
 
+def _sound_local_vra(onnx_path: Path, method: str, eps: float, x_val: torch.Tensor, y_val: torch.Tensor) -> float:
+    """Held-out VRA by the local certifier itself (guaranteed bounds, float64) on the exported model,
+    as ``glorocert certify --method bcp|kw`` computes it at ``eps``."""
+    import glorocert.api as api
+    from glorocert.certify import bcp, kw
+
+    loaded = api.load(str(onnx_path))
+    module = {"bcp": bcp, "kw": kw}[method]
+    certified = 0
+    for start in range(0, len(x_val), 250):
+        xb, yb = x_val[start:start + 250], y_val[start:start + 250]
+        predicted = torch.from_numpy(loaded.runner(xb.numpy()).argmax(1))
+        ok = module.certify(loaded.graph, xb, predicted, eps)
+        certified += int((ok & (predicted == yb)).sum())
+    return certified / len(x_val)
+
+
 def write_outputs(result, out: Path, x_val: torch.Tensor, y_val: torch.Tensor, progress: Any = None) -> None:
     """Write checkpoint, exports, bound and card of ``result`` into ``out`` (atomically, file by file)."""
     config, spec, model = result.config, result.spec, result.model.cpu().eval()
@@ -69,8 +86,9 @@ def write_outputs(result, out: Path, x_val: torch.Tensor, y_val: torch.Tensor, p
         "epochs_done": len(result.history),
         "train_config": config.to_dict(),
     }
+    extra["method"] = config.method
     if config.smoothing:
-        extra.update({"method": config.method, "sigma": config.sigma, "noisy_acc": result.noisy_acc,
+        extra.update({"sigma": config.sigma, "noisy_acc": result.noisy_acc,
                       "model_kind": "randomized-smoothing base model"})
     result.files["checkpoint"] = str(save_checkpoint(out / "model.safetensors", model, spec, extra))
     result.files["onnx"] = str(export_onnx(model, spec["input_shape"], out / "model.onnx"))
@@ -101,6 +119,9 @@ def bound_and_card(result, out: Path, x_val: torch.Tensor, y_val: torch.Tensor, 
         result.files["bound"] = str(bound_path_for(out / "model.onnx"))
         result.vra_sound = vra_sound
         result.bound_global_upper = float(bound.global_upper)
+    if config.local:
+        _call(progress, "on_message", f"certifying the held-out split with {config.method.upper()} (sound bounds)…")
+        result.vra_local_sound = _sound_local_vra(out / "model.onnx", config.method, config.eps, x_val, y_val)
     if result.bound_error:
         _call(progress, "on_message", f"no frozen bound written: {result.bound_error}")
     result.files["card"] = str(out / "card.md")
@@ -172,10 +193,11 @@ def command_line(config) -> str:
         ("--arch", c.arch), ("--activation", c.activation),
         ("--minmax-pairing", c.minmax_pairing if c.activation == "minmax" else None),
         ("--data", c.data or None), ("--limit", c.data_limit),
+        ("--method", c.method if c.local else None),
         ("--eps", c.eps), ("--train-eps", c.train_eps), ("--eps-schedule", c.eps_schedule),
-        ("--loss", c.loss),
-        ("--lam", c.lam if c.loss == "trades" else None),
-        ("--lam-schedule", c.lam_schedule if c.loss == "trades" else None),
+        ("--loss", None if c.local else c.loss),
+        ("--lam", c.lam if c.loss == "trades" or c.local else None),
+        ("--lam-schedule", c.lam_schedule if c.loss == "trades" or c.local else None),
         ("--epochs", c.epochs), ("--warmup-epochs", c.warmup_epochs or None),
         ("--batch-size", c.batch_size), ("--lr", c.lr), ("--final-lr", c.final_lr),
         ("--lr-schedule", c.lr_schedule), ("--power-iterations", c.power_iterations),
@@ -207,11 +229,23 @@ def model_card(result, n_val: int, name: str) -> str:
     loss = {"ce": "plain cross-entropy (standard training, no robustness)",
             "gloro": "GloRo cross-entropy (⊥ class)",
             "trades": f"GloRo-TRADES, λ → {c.lam} ({c.lam_schedule})"}[c.loss]
+    kind = "A GloRo net"
+    estimate_label = "power-iteration estimate of K, not a guarantee"
+    local_lines = []
+    if c.local:
+        name_of = {"bcp": "BCP", "kw": "KW"}[c.method]
+        kind = {"bcp": "A BCP-trained net (Lee et al. 2020)", "kw": "A Wong–Kolter-trained net (2018)"}[c.method]
+        loss = (f"(1 − κ)·CE(z, y) + κ·CE(worst-translated logits from {name_of} bounds), κ → {c.lam} "
+                f"(`{c.lam_schedule}`)")
+        estimate_label = ("BCP bounds with power-iteration layer norms, not a guarantee" if c.method == "bcp"
+                          else "KW bounds in float32 on the first 200 held-out samples")
+        vra_line = vra_line.replace("**", "").replace("(sound frozen bound)", "(GloRo rule, sound frozen global bound)")
+        local_lines = [f"| **VRA at ε = {c.eps} ({name_of}, sound local bounds)** | **{_pct(result.vra_local_sound)}** |"]
     activation = c.activation if c.activation == "relu" else f"MinMax (pairing: {c.minmax_pairing})"
     lines = [
         f"# {name}",
         "",
-        f"A GloRo net ({c.arch.upper()}, {activation}) trained by `glorocert train` to be certifiably",
+        f"{kind} ({c.arch.upper()}, {activation}) trained by `glorocert train` to be certifiably",
         f"robust in l2 at ε = {c.eps} in [0, 1] pixel space.",
         "",
         "## Results (held-out split)",
@@ -219,15 +253,16 @@ def model_card(result, n_val: int, name: str) -> str:
         "| metric | value |",
         "|---|---|",
         f"| Clean accuracy | {_pct(result.clean_acc)} |",
+        *local_lines,
         vra_line,
-        f"| VRA at ε = {c.eps} (power-iteration estimate of K, not a guarantee) | {_pct(result.vra_estimate)} |",
+        f"| VRA at ε = {c.eps} ({estimate_label}) | {_pct(result.vra_estimate)} |",
         bound_line,
         f"| Global Lipschitz estimate (power iteration) | {result.lipschitz_estimate:.6g} |",
         f"| Training time | {duration} ({result.seconds:.0f} s, {c.epochs} epochs, "
         f"{platform.machine()} CPU, torch {torch.__version__}) |",
         "",
         "VRA = fraction of held-out samples that are predicted correctly *and* certified",
-        "(GloRo ⊥ logit below the top logit; ties count as not certified).",
+        "(GloRo: ⊥ logit below the top logit; BCP / KW: every worst-case margin > 0; ties count as not certified).",
         "",
         *_data_and_architecture(c, spec, n_val, activation),
         f"- Loss: {loss}",
@@ -251,6 +286,7 @@ def model_card(result, n_val: int, name: str) -> str:
         "",
         "```",
         f"glorocert certify {Path(c.out_dir or name) / 'model.onnx'} --data {c.data or 'DATA'} --eps {c.eps}"
+        + (f" --method {c.method}" if c.local else "")
         + (" --split test" if c.data in ('mnist-5k', 'fashion-mnist', 'digits') else ""),
         "```",
         "",

@@ -1,0 +1,122 @@
+"""The cascade (gloro, then BCP/KW once per requested ε on gloro's ⊥ samples): never weaker than
+gloro, never runs the local method beyond gloro's ⊥ set, reports what it rescued, and every
+certificate survives a PGD attack inside its radius.
+
+A small ReLU conv net trained with plain cross-entropy on sklearn's 8×8 digits: its global bound
+is loose, so both local methods rescue many samples and the checks below are not vacuous.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from glorocert.api import certify
+from glorocert.certify import gloro, local
+from glorocert.loaders import load
+from glorocert.results import eps_key
+
+EPS = [0.05, 0.1, 0.2]
+
+
+@pytest.fixture(scope="module")
+def runs(trained_digits_model):
+    _, onnx_path, _ = trained_digits_model
+    model = load(onnx_path)
+    base = certify(model, "digits", EPS, method="gloro")
+    cascades = {fallback: certify(model, "digits", EPS, method="cascade", fallback=fallback) for fallback in ("bcp", "kw")}
+    return model, base, cascades
+
+
+@pytest.mark.parametrize("fallback", ["bcp", "kw"])
+def test_cascade_certifies_everything_gloro_does_and_reports_exactly_what_it_rescued(runs, fallback):
+    _, base, cascades = runs
+    res = cascades[fallback]
+    g, c = base.rows, res.rows
+    assert np.array_equal(g["index"], c["index"]) and np.array_equal(g["predicted"], c["predicted"])
+    assert np.array_equal(c["gloro_radius"], g["radius"])
+    assert (c["radius"] >= g["radius"]).all()
+    rescued_any = 0
+    for e in EPS:
+        key = eps_key(e)
+        assert (c[f"certified@{key}"] | ~g[f"certified@{key}"]).all()  # cascade ⊇ gloro
+        extra = int(c[f"certified@{key}"].sum() - g[f"certified@{key}"].sum())
+        assert res.summary["rescued"][key] == extra
+        assert res.summary["vra"][key] - base.summary["vra"][key] == pytest.approx(extra / len(g["index"]))
+        rescued_any += extra
+    assert rescued_any > 0  # the test means something
+    s = res.summary
+    assert s["local_method"] == fallback
+    # the local method ran on gloro's ⊥ set at the largest ε — every such sample, and no other
+    bottom_at_max = gloro.bottom_flags(g["radius"], max(EPS))
+    assert s["local_samples"] == int(bottom_at_max.sum())
+    assert ((c["seconds"] > 0) == bottom_at_max).all()
+    assert s["local_passes"] <= sum(int(gloro.bottom_flags(g["radius"], e).sum()) for e in EPS)
+    assert s["local_passes"] >= s["local_samples"]
+    # a rescued radius is the largest requested ε the local method certified
+    by_local = ~np.isnan(c["local_eps"])
+    assert np.isin(c["local_eps"][by_local], EPS).all()
+    assert np.array_equal(c["radius"], np.fmax(g["radius"], c["local_eps"]))
+    assert (c["local_eps"][by_local] >= g["radius"][by_local]).all()
+    assert not by_local[~bottom_at_max].any()
+
+
+@pytest.mark.parametrize("fallback", ["bcp", "kw"])
+def test_no_cascade_certificate_is_broken_by_pgd_inside_its_radius(runs, fallback):
+    model, _, cascades = runs
+    rows = cascades[fallback].rows
+    certified = rows[f"certified@{eps_key(min(EPS))}"] & (rows["radius"] > 0)
+    rescued = certified & ~np.isnan(rows["local_eps"])
+    assert rescued.sum() >= 5
+    # up to 40 rescued samples (the ones with the largest radii first) and 20 certified by gloro alone
+    by_radius = np.flatnonzero(rescued)[np.argsort(-rows["radius"][rescued], kind="stable")]
+    chosen = by_radius[:40].tolist() + np.flatnonzero(certified & ~rescued)[:20].tolist()
+    x = torch.from_numpy(np.stack([_digit(i) for i in rows["index"][chosen]])).double()
+    predicted = torch.from_numpy(rows["predicted"][chosen])
+    radius = torch.from_numpy(rows["radius"][chosen])
+    margin = local.pgd_margin(model.graph, x, predicted, radius, steps=40, restarts=2)
+    assert (margin > 0).all(), rows["index"][chosen][(margin <= 0).numpy()]
+
+
+def _digit(index: int) -> np.ndarray:
+    from glorocert.data import open_dataset
+
+    cache = _digit.__dict__.setdefault("cache", {})
+    if not cache:
+        for batch in open_dataset("digits").batches(4096):
+            cache.update(zip(batch.index.tolist(), batch.x))
+    return cache[int(index)]
+
+
+def test_cascade_cli_prints_what_it_rescued(trained_digits_model, monkeypatch, capsys):
+    import sys
+
+    from glorocert import cli
+
+    _, onnx_path, _ = trained_digits_model
+    monkeypatch.setattr(sys, "argv", ["glorocert", "certify", str(onnx_path), "--data", "digits", "--limit", "60",
+                                      "--eps", "0.1,0.2", "--method", "cascade", "--fallback", "bcp"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code in (0, None)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "cascade: bcp ran on" in printed and "sample·ε passes" in printed and "rescued" in printed and "at ε=0.2" in printed
+
+
+def test_bcp_reuses_the_frozen_sound_bound_only_when_it_is_the_same_guaranteed_composition(trained_digits_model):
+    from glorocert.api import composition_from_bound, compute_bound
+    from glorocert.lipschitz.compose import compose
+
+    _, onnx_path, _ = trained_digits_model
+    model = load(onnx_path)
+    sound = compute_bound(model)
+    reused = composition_from_bound(sound, model.graph)
+    fresh = compose(model.graph)
+    assert reused is not None
+    assert {b.name: b.upper for b in reused.blocks} == pytest.approx({b.name: b.upper for b in fresh.blocks}, rel=1e-9)
+    assert np.allclose(reused.margin_upper, fresh.margin_upper, rtol=1e-9)
+    assert composition_from_bound(compute_bound(model, mode="estimate"), model.graph) is None
+    other = load(onnx_path)  # a graph whose blocks the bound does not name is never given BCP
+    sound.blocks = [b for b in sound.blocks if b["name"] != sound.blocks[0]["name"]]
+    assert composition_from_bound(sound, other.graph) is None
