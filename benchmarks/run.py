@@ -4,7 +4,7 @@ These machines are shared and noisy, so every figure that matters is a ratio
 of two things measured in the same run, interleaved: bound ÷ exact spectral
 norm, certify ÷ plain forward pass, smoothing ÷ GloRo. Nothing here asserts.
 
-    python benchmarks/run.py [bounds] [certify] [local] [smoothing] [train]
+    python benchmarks/run.py [bounds] [certify] [local] [smoothing] [train] [train-steps]
 """
 
 from __future__ import annotations
@@ -140,10 +140,11 @@ def bench_local(samples: int = 1000, kw_samples: int = 100, eps: float = 0.3) ->
     """gloro vs BCP vs KW vs cascade on a GloRo-trained ReLU net at one ε (GloRo paper, Fig. 4b): `glorocert compare-local`."""
     from glorocert.compare_local import Source, compare_local, report_table
 
-    model = relu_model()
-    report = compare_local(Source(str(model), data="mnist-5k", split="test", limit=samples), [eps], kw_limit=kw_samples,
-                           progress=lambda method, n: console.print(f"  {method}: {n} samples…"))
-    console.print(report_table(report, f"certifiers on a GloRo ReLU 2C2F, mnist-5k test, ε={eps} (each in a fresh process)"))
+    for name, model, eps_values in (("a GloRo ReLU 2C2F", relu_model(), [eps]),
+                                    ("the shipped BCP-trained 2C2F", ROOT / "models" / "mnist-5k-bcp1.58" / "model.onnx", [1.0, 1.58])):
+        report = compare_local(Source(str(model), data="mnist-5k", split="test", limit=samples), eps_values,
+                               kw_limit=kw_samples, progress=lambda method, n: console.print(f"  {method}: {n} samples…"))
+        console.print(report_table(report, f"certifiers on {name}, mnist-5k test (each in a fresh process)"))
 
 
 def bench_smoothing(samples: int = 10, n_measured: int = 10_000, sigma: float = 0.25) -> None:
@@ -228,7 +229,53 @@ def bench_train(rounds: int = 3) -> None:
     console.print(table)
 
 
-SECTIONS = {"bounds": bench_bounds, "certify": bench_certify, "local": bench_local, "smoothing": bench_smoothing, "train": bench_train}
+def bench_train_steps(rounds: int = 20, kw_rounds: int = 3, batch: int = 50) -> None:
+    """Seconds per optimisation step for each training objective on one batch of mnist-5k (2C2F ReLU, 28×28),
+    interleaved, as a ratio to plain cross-entropy (the loop's step: power-iteration step, loss, backward, Adam)."""
+    from glorocert.train import local_losses, losses
+    from glorocert.train.datasets import load_training_data
+    from glorocert.train.power import PowerIteration
+
+    data = load_training_data("mnist-5k")
+    x, y = data.x_train[:batch], data.y_train[:batch]
+    torch.manual_seed(0)
+    model = build({"arch": "2c2f", "activation": "relu", "input_shape": [1, 28, 28], "num_classes": 10})
+    power = PowerIteration(model, (1, 28, 28))
+    power.converge()
+    graph = local_losses.live_graph(model, (1, 28, 28))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def loss_of(method):
+        logits = model(x)
+        if method == "ce":
+            return losses.cross_entropy(logits, y)
+        if method == "gloro-trades":
+            return losses.gloro_trades(logits, y, power.margin_lipschitz(), 0.45, 2.0)
+        return local_losses.mixed_loss(logits, y, local_losses.lower_bounds(method, graph, power, x, y, 1.58), 0.5)
+
+    methods = ("ce", "gloro-trades", "bcp", "kw")
+    times = {m: [] for m in methods}
+    for round_ in range(rounds):
+        for method in methods:
+            if method == "kw" and round_ >= kw_rounds:  # seconds per step: a few rounds tell
+                continue
+            t0 = time.perf_counter()
+            power.step(1)
+            optimizer.zero_grad()
+            loss_of(method).backward()
+            optimizer.step()
+            times[method].append(time.perf_counter() - t0)
+    table = Table(title=f"training step on mnist-5k, 2C2F ReLU, batch {batch} (median of {rounds}, KW {kw_rounds}; interleaved)")
+    for col in ("objective", "s/step", "× CE"):
+        table.add_column(col)
+    base = statistics.median(times["ce"])
+    for method in methods:
+        t = statistics.median(times[method])
+        table.add_row(method, f"{t:.4f}", f"{t / base:.1f}×")
+    console.print(table)
+
+SECTIONS = {"bounds": bench_bounds, "certify": bench_certify, "local": bench_local, "smoothing": bench_smoothing,
+            "train": bench_train, "train-steps": bench_train_steps}
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_rss"]:

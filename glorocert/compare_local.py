@@ -369,23 +369,24 @@ def report_table(report: dict, title: str | None = None):
 
     eps_keys = [format(float(e), "g") for e in report["eps"]]
     table = Table(title=title or f"certifiers on {Path(report['model']).name}, {report['dataset']} (each method in a fresh process)",
-                  title_justify="left")
-    for col in ("method", "samples", "clean", *(f"VRA ε={k}" for k in eps_keys), "seconds", "s/sample", "× gloro /sample", "peak RSS", "note"):
-        table.add_column(col, justify="left" if col in ("method", "note") else "right", overflow="fold")
+                  title_justify="left", caption_justify="left")
+    for col in ("method", "samples", "clean", *(f"VRA ε={k}" for k in eps_keys), "seconds", "s/sample", "× gloro /sample", "peak RSS"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    notes = []  # below the table, so that narrow terminals keep the numbers readable
     for row in report["methods"]:
         method = row["method"] + (f" ({report['fallback']})" if row["method"] == "cascade" else "")
         if row["status"] != "ok":
-            table.add_row(method, str(row.get("samples", "")), *["—"] * (len(eps_keys) + 4), mib(row.get("peak_rss_bytes")),
-                          f"[red]{row['status']}:[/] {row.get('error', '')}")
+            table.add_row(method, str(row.get("samples", "")), *["—"] * (len(eps_keys) + 4), mib(row.get("peak_rss_bytes")))
+            notes.append(f"{method}: [red]{row['status']}:[/] {row.get('error', '')}")
             continue
         ratio = row.get("time_ratio_vs_gloro")
-        note = ""
         if row["method"] == "kw" and report.get("kw_limit") and row["samples"] < report["samples"]:
-            note = f"first {row['samples']} samples (--kw-limit {report['kw_limit']})"
+            notes.append(f"kw: first {row['samples']} samples only (--kw-limit {report['kw_limit']})")
         if "local" in row:
             lo = row["local"]
             rescued = ", ".join(f"{v} at ε={k}" for k, v in lo["rescued"].items())
-            note = f"{lo['local_method']} on {lo['local_samples']} ⊥ samples ({lo['local_passes']} sample·ε passes, {lo['local_seconds']:.2f} s); rescued {rescued}"
+            notes.append(f"{method}: {lo['local_method']} ran on {lo['local_samples']} ⊥ samples ({lo['local_passes']} "
+                         f"sample·ε passes, {lo['local_seconds']:.2f} s) and rescued {rescued}")
         clean = row.get("clean_accuracy")
         peak = mib(row["peak_rss_bytes"])
         if row.get("load_rss_bytes") and row["peak_rss_bytes"]:
@@ -395,8 +396,9 @@ def report_table(report: dict, title: str | None = None):
             *(f"{100 * row['vra'][k]:.1f}%" for k in eps_keys),
             f"{row['seconds']:.2f}", f"{row['seconds_per_sample']:.2e}",
             "—" if ratio is None else f"{ratio:,.0f}×" if ratio >= 10 else f"{ratio:.2f}×",
-            peak, note,
+            peak,
         )
+    table.caption = "\n".join(notes) or None
     return table
 
 

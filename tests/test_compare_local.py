@@ -64,7 +64,7 @@ def test_report_on_a_relu_model_has_every_method_on_the_same_samples(trained_dig
     assert rows["gloro"]["vra"] == pytest.approx(here.summary["vra"])
     assert rows["gloro"]["clean_accuracy"] == pytest.approx(here.summary["clean_accuracy"])
     text = " ".join(out.split())
-    assert "cascade (bcp)" in text and "VRA ε=0.2" in text and "first 10 samples (--kw-limit 10)" in text
+    assert "cascade (bcp)" in text and "VRA ε=0.2" in text and "first 10 samples only (--kw-limit 10)" in text
 
 
 def test_in_fresh_processes_a_minmax_model_gets_an_unsupported_kw_row_and_exit_code_0(saved_model, monkeypatch, capsys, tmp_path):
