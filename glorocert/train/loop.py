@@ -1,4 +1,8 @@
-"""The GloRo training loop: Adam, schedules, persistent power iteration, checkpoints, resume.
+"""The training loop: Adam, schedules, persistent power iteration, checkpoints, resume.
+
+GloRo nets by default; ``method="bcp"|"kw"`` minimises the local certifiers'
+objectives instead (:mod:`glorocert.train.local_losses`) in the same loop, and
+``method="gaussian"|"macer"`` trains randomized-smoothing base models.
 
 One call, :func:`train`, does what the paper's scripts do, on tensors:
 
@@ -155,7 +159,8 @@ class TrainConfig:
 @dataclass
 class EpochRecord:
     """One row of ``log.csv``. ``clean_acc`` / ``vra`` are on the held-out split;
-    ``vra`` uses the converged power-iteration *estimate* of K. Smoothing base
+    ``vra`` uses the converged power-iteration *estimate* of K (bcp / kw: the
+    method's own training-time bounds, see ``_metrics``). Smoothing base
     models (method gaussian / macer) have ``noisy_acc`` (held-out accuracy on
     x + N(0, σ²I)) and no VRA, ⊥ rate or Lipschitz estimate (None)."""
 
