@@ -299,3 +299,12 @@ def test_conv_adjoint_equals_autograd(stride, kernel, padding, dilation, groups,
     x = torch.randn(3, 4, size, size, dtype=torch.float64, requires_grad=True)
     (expected,) = torch.autograd.grad(op.homogeneous(x), x, grad_outputs=v)
     assert torch.allclose(local.adjoint(op, v, (4, size, size)), expected, atol=1e-10)
+
+
+def test_a_network_too_wide_for_exact_kw_bounds_is_refused_before_anything_is_written(tmp_path):
+    x = torch.rand(8, 1, 28, 28)
+    y = torch.arange(8) % 2
+    out = tmp_path / "wide"
+    with pytest.raises(GlorocertError, match="too large for exact KW bounds"):
+        train(TrainConfig(method="kw", arch="4c3f", eps=0.3, epochs=1, out_dir=str(out)), x, y, x, y)
+    assert not out.exists()

@@ -213,7 +213,8 @@ def _check_node(node: Node) -> None:
         )
 
 
-def _check_graph(graph: Graph) -> list:
+def check_graph(graph: Graph) -> list:
+    """The graph's blocks, or a GlorocertError saying why BCP cannot bound it."""
     for node in local.chain(graph, METHOD):
         _check_node(node)
     blocks = blocks_of(graph)
@@ -276,7 +277,7 @@ def _build_plan(graph: Graph, blocks: list, block_norm: Callable, margin: torch.
 
 
 def _sound_plan(graph: Graph, composition: Composition | None) -> _Plan:
-    blocks = _check_graph(graph)  # refuse unsupported graphs before the (costly) composition
+    blocks = check_graph(graph)  # refuse unsupported graphs before the (costly) composition
     if composition is None:
         # only the guaranteed values (block upper bounds, margin_upper) are read; they do not depend on
         # how long power iteration ran, so its estimate is kept short here
@@ -415,7 +416,7 @@ def training_lower_bounds(
     *estimates*. The result therefore certifies nothing; the trained model is
     certified afterwards by :func:`certify` with guaranteed bounds.
     """
-    plan = _build_plan(graph, _check_graph(graph), block_norm, margin, dtype=x.dtype)
+    plan = _build_plan(graph, check_graph(graph), block_norm, margin, dtype=x.dtype)
     eps_t = torch.full((x.shape[0],), float(eps), dtype=x.dtype)
     return _lower_bounds(plan, x, labels, eps_t)
 

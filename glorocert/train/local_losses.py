@@ -63,6 +63,15 @@ def live_graph(model: nn.Sequential, input_shape) -> Graph:
     return Graph("input", tuple(input_shape), nodes, previous)
 
 
+def check_supported(method: str, graph: Graph) -> None:
+    """Refuse, before training starts (and before anything is written), a network the method cannot bound."""
+    with torch.no_grad():
+        if method == "kw":
+            kw.training_lower_bounds(graph, torch.zeros(1, *graph.input_shape), torch.zeros(1, dtype=torch.int64), 0.0)
+        else:
+            bcp.check_graph(graph)
+
+
 def lower_bounds(method: str, graph: Graph, power: PowerIteration, x: torch.Tensor, labels: torch.Tensor,
                  eps: float) -> torch.Tensor:
     """(N, C) differentiable lower bounds m_i on the worst margins (+inf at the label)."""
@@ -119,4 +128,4 @@ def evaluate(method: str, graph: Graph, power: PowerIteration, model: nn.Module,
     return {"clean_acc": correct / n, "vra": certified_correct / n, "bottom_rate": uncertified / n}
 
 
-__all__ = ["METHODS", "KW_EVAL_SAMPLES", "live_graph", "lower_bounds", "robust_cross_entropy", "mixed_loss", "evaluate"]
+__all__ = ["METHODS", "KW_EVAL_SAMPLES", "check_supported", "live_graph", "lower_bounds", "robust_cross_entropy", "mixed_loss", "evaluate"]

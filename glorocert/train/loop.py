@@ -463,6 +463,9 @@ def train(
     if device.type == "cuda" and not torch.cuda.is_available():
         _call(progress, "on_message", "CUDA is not available here; training on the CPU instead")
         device = torch.device("cpu")
+    if config.local and device.type != "cpu":
+        _call(progress, "on_message", f"--method {config.method} trains on the CPU (its bound code is CPU-only)")
+        device = torch.device("cpu")
 
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     previous_rng = torch.get_rng_state()
@@ -480,6 +483,9 @@ def train(
 def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> TrainResult:
     torch.manual_seed(config.seed)
     model = build(spec).to(device)
+    graph = local_losses.live_graph(model, spec["input_shape"]) if config.local else None
+    if graph is not None:
+        local_losses.check_supported(config.method, graph)
     power = PowerIteration(model, spec["input_shape"], seed=config.seed).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
 
@@ -532,7 +538,6 @@ def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> Tr
                                 start_epoch, seconds_before, x_train, y_train, x_val, y_val, progress)
     _call(progress, "on_start", config.epochs, steps_per_epoch, start_epoch)
 
-    graph = local_losses.live_graph(model, spec["input_shape"]) if config.local else None
     train_eps = lam = lr = 0.0
     for epoch in range(start_epoch, config.epochs):
         epoch_start = time.perf_counter()
