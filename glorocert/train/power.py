@@ -107,9 +107,10 @@ class PowerIteration(nn.Module):
 
     # -- iterating ------------------------------------------------------------
     @torch.no_grad()
-    def _iterate_once(self, index: int) -> None:
+    def _iterate_once(self, index: int, image: torch.Tensor | None = None) -> None:
+        """x ← WᵀWx / ‖WᵀWx‖; ``image`` is W x when the caller already has it."""
         x = self.iterate(index)
-        v = self._transpose_operator(index, self._forward_operator(index, x))
+        v = self._transpose_operator(index, self._forward_operator(index, x) if image is None else image)
         norm = v.norm()
         if norm > 0 and torch.isfinite(norm):
             x.copy_(v / norm)  # plain norm: no epsilon (see module docstring)
@@ -141,12 +142,14 @@ class PowerIteration(nn.Module):
         """
         iterations, converged, estimates = [], [], []
         for index in self.layer_indices:
-            previous = self._forward_operator(index, self.iterate(index)).norm().item()
+            image = self._forward_operator(index, self.iterate(index))  # W x: the estimate, and half the next step
+            previous = image.norm().item()
             done, count, current = False, 0, previous
             while count < max_iterations:
-                self._iterate_once(index)
+                self._iterate_once(index, image)
                 count += 1
-                current = self._forward_operator(index, self.iterate(index)).norm().item()
+                image = self._forward_operator(index, self.iterate(index))
+                current = image.norm().item()
                 if abs(current - previous) <= tol * max(abs(current), 1e-300):
                     done = True
                     break
