@@ -198,10 +198,12 @@ def certify(
     margin_matrix = bound.margin_matrix
     rtol = max(gloro.ROUNDING_RTOL, 4 * model.equivalence_gap)
     shift, scale = _normaliser(normalization, len(model.input_shape))
-    local = _local_certifier(method, fallback, model, normalization, eps, bound)
+    local = _local_certifier(method, fallback, model, normalization, eps, bound, rtol)
     columns = ("index", "label", "predicted", "runner_up", "margin", "radius", "seconds")
     if method == "cascade":
         columns += ("gloro_radius", "local_eps")
+    elif method != "gloro":
+        columns += ("local_eps",)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in columns}
     forward_seconds = 0.0
     started = time.perf_counter()
@@ -222,10 +224,11 @@ def certify(
         seconds = np.zeros(len(radius))
         if method == "cascade":
             parts["gloro_radius"].append(radius)
-            radius, seconds, local_eps = local.cascade(batch.x, predicted, radius)
+            radius, seconds, local_eps = local.cascade(batch.x, predicted, logits, radius)
             parts["local_eps"].append(local_eps)
         elif local is not None:
-            radius, seconds = local(batch.x, predicted)
+            radius, seconds, local_eps = local(batch.x, predicted, logits)
+            parts["local_eps"].append(local_eps)
         parts["seconds"].append(seconds)
         parts["index"].append(batch.index)
         parts["label"].append(batch.y if batch.y is not None else np.full(len(batch.index), -1))
@@ -287,10 +290,14 @@ METHODS = ("gloro", "bcp", "kw", "cascade")
 
 
 class _LocalStage:
-    """Local-bound certification: every sample by bisection (bcp/kw), or gloro's ⊥ samples at the requested ε (cascade)."""
+    """Local-bound certification: every sample by bisection (bcp/kw), or gloro's ⊥ samples at the requested ε (cascade).
 
-    def __init__(self, module, graph, eps: Sequence[float], options: dict | None = None):
-        self.module, self.graph, self.options = module, graph, options or {}
+    A sample counts as certified only when every local lower bound exceeds ``rtol·(1 + max|y|)`` (its
+    native logits y): the same budget for the IR/native gap and rounding that GloRo subtracts.
+    """
+
+    def __init__(self, module, graph, eps: Sequence[float], options: dict, rtol: float):
+        self.module, self.graph, self.options, self.rtol = module, graph, options, rtol
         self.eps = sorted({float(e) for e in eps}, reverse=True)
         self.search_max = max(2.0, 2.0 * self.eps[0])
         self.samples, self.passes, self.seconds = 0, 0, 0.0
@@ -299,42 +306,57 @@ class _LocalStage:
     def name(self) -> str:
         return self.module.__name__.rsplit(".", 1)[-1]
 
-    def __call__(self, x: np.ndarray, predicted: np.ndarray):
-        """bcp/kw: a full certified radius per sample, by bisection on [0, search_max]; (radius, seconds)."""
+    def __call__(self, x: np.ndarray, predicted: np.ndarray, logits: np.ndarray):
+        """bcp/kw: a full certified radius per sample by bisection on [0, search_max], then the requested ε
+        within the bisection's tolerance of a radius are tried exactly (so a sample certified at ε is never
+        ⊥ at ε for want of bisection steps); (radius, seconds, local_eps)."""
         import torch
+
+        from glorocert.certify.local import BISECTION_TOL
 
         t0 = time.perf_counter()
         radius = self.module.certified_radius(
-            self.graph, torch.from_numpy(x), torch.from_numpy(predicted), eps_max=self.search_max, **self.options
+            self.graph, torch.from_numpy(x), torch.from_numpy(predicted), eps_max=self.search_max,
+            slack=self._slack(logits), **self.options,
         ).numpy()
+        self.seconds += time.perf_counter() - t0
+        near = lambda e: (radius <= e) & (radius >= e - BISECTION_TOL)  # noqa: E731
+        local_eps, _ = self._at_requested_eps(x, predicted, logits, near)
         elapsed = time.perf_counter() - t0
         self.samples += len(x)
-        self.seconds += elapsed
-        return radius, np.full(len(x), elapsed / max(len(x), 1))
+        return np.fmax(radius, local_eps), np.full(len(x), elapsed / max(len(x), 1)), local_eps
 
-    def cascade(self, x: np.ndarray, predicted: np.ndarray, gloro_radius: np.ndarray):
+    def cascade(self, x: np.ndarray, predicted: np.ndarray, logits: np.ndarray, gloro_radius: np.ndarray):
         """One local pass per requested ε (descending) on the samples gloro leaves ⊥ there and the local
         method has not certified at a larger ε; (radius, seconds, local_eps)."""
+        local_eps, seconds = self._at_requested_eps(x, predicted, logits, lambda e: gloro.bottom_flags(gloro_radius, e))
+        self.samples += int((seconds > 0).sum())
+        return np.fmax(gloro_radius, local_eps), seconds, local_eps  # fmax: NaN (not certified) keeps gloro's
+
+    def _at_requested_eps(self, x, predicted, logits, candidates):
+        """For each requested ε, largest first: certify ``candidates(ε)`` not yet certified at a larger ε.
+        Returns (largest certified requested ε, NaN where none; local seconds spent per sample)."""
         import torch
 
-        n = len(x)
-        local_eps = np.full(n, np.nan)  # largest requested ε the local method certified (closed ball)
-        seconds = np.zeros(n)
-        ran = np.zeros(n, bool)
+        local_eps = np.full(len(x), np.nan)  # certificates cover the closed ball
+        seconds = np.zeros(len(x))
+        slack = self._slack(logits)
         for e in self.eps:
-            todo = np.flatnonzero(gloro.bottom_flags(gloro_radius, e) & np.isnan(local_eps))
+            todo = np.flatnonzero(candidates(e) & np.isnan(local_eps))
             if not len(todo):
                 continue
             t0 = time.perf_counter()
-            ok = self.module.certify(self.graph, torch.from_numpy(x[todo]), torch.from_numpy(predicted[todo]), e, **self.options).numpy()
+            ok = self.module.certify(self.graph, torch.from_numpy(x[todo]), torch.from_numpy(predicted[todo]), e,
+                                     slack=slack[todo], **self.options).numpy()
             elapsed = time.perf_counter() - t0
             local_eps[todo[ok]] = e
             seconds[todo] += elapsed / len(todo)
-            ran[todo] = True
             self.passes += len(todo)
             self.seconds += elapsed
-        self.samples += int(ran.sum())
-        return np.fmax(gloro_radius, local_eps), seconds, local_eps  # fmax: NaN (not certified) keeps gloro's
+        return local_eps, seconds
+
+    def _slack(self, logits: np.ndarray):
+        return local_slack(logits, self.rtol)
 
     def report(self, rows: dict, eps: list[float]) -> dict:
         report = {"local_method": self.name, "local_samples": self.samples, "local_seconds": self.seconds}
@@ -349,17 +371,26 @@ class _LocalStage:
         return report
 
 
-def _local_certifier(method: str, fallback: str, model: Model, normalization: dict | None, eps: Sequence[float], bound: Bound):
+def _local_certifier(method: str, fallback: str, model: Model, normalization: dict | None, eps: Sequence[float], bound: Bound,
+                     rtol: float):
     if method == "gloro":
         return None
     from glorocert.certify import bcp, kw
 
     graph = normalised_graph(model.graph, normalization)
     module = {"bcp": bcp, "kw": kw}[fallback if method == "cascade" else method]
-    return _LocalStage(module, graph, eps, local_options(module, graph, bound))
+    return _LocalStage(module, graph, eps, local_options(module, graph, bound, normalization), rtol)
 
 
-def local_options(module, graph, bound: Bound) -> dict:
+def local_slack(logits: np.ndarray, rtol: float):
+    """(N,) float64 tensor: the margin every local lower bound must exceed, rtol·(1 + max|y|) on the native logits y
+    (GloRo's rounding budget, ``gloro.radii``; rtol is raised to 4× the measured IR/native gap by the callers)."""
+    import torch
+
+    return torch.from_numpy(rtol * (1.0 + np.abs(logits.astype(np.float64)).max(axis=1)))
+
+
+def local_options(module, graph, bound: Bound, normalization: dict | None) -> dict:
     """Keyword arguments for ``module.certify`` / ``certified_radius`` on ``graph`` (the normalised graph of ``bound``'s model).
 
     BCP needs guaranteed operator norms of every linear block and the margin
@@ -373,15 +404,17 @@ def local_options(module, graph, bound: Bound) -> dict:
 
     if module is not bcp:
         return {}
-    composition = composition_from_bound(bound, graph)
+    composition = composition_from_bound(bound, graph, normalization)
     return {} if composition is None else {"composition": composition}
 
 
-def composition_from_bound(bound: Bound, graph):
-    """The guaranteed part of ``bound`` as a ``lipschitz.compose`` Composition for ``graph``, or None (see local_options)."""
+def composition_from_bound(bound: Bound, graph, normalization: dict | None):
+    """The guaranteed part of ``bound`` as a ``lipschitz.compose`` Composition for ``graph`` (the model's graph
+    under ``normalization``), or None (see local_options). The block names and shapes cannot tell one input
+    normalisation from another, so the bound's own record of it must match."""
     from glorocert.lipschitz.compose import BlockBound, Composition, blocks_of
 
-    if bound.mode != "sound":
+    if bound.mode != "sound" or not bound.same_normalization(normalization):
         return None
     blocks = [
         BlockBound(b["name"], b["op"], tuple(b["in_shape"]), tuple(b["out_shape"]), float(b["estimate"]), float(b["upper"]),

@@ -8,12 +8,14 @@ violation) · 2 bad input or usage (one-line message, no traceback) ·
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -123,8 +125,16 @@ def _check_outputs(rows: Path | None = None, json_: Path | None = None, plot: Pa
     from glorocert.results import PLOT_FORMATS, ROW_FORMATS
 
     for path, formats in ((rows, ROW_FORMATS), (json_, (".json",)), (plot, PLOT_FORMATS)):
-        if path is not None and path.suffix.lower() not in formats:
+        if path is None:
+            continue
+        if path.suffix.lower() not in formats:
             raise GlorocertError(f"{path}: unknown format {path.suffix or '(no extension)'}; use one of {', '.join(formats)}")
+        parent = next(p for p in path.absolute().parents if p.exists())  # missing directories are created later
+        try:  # a real probe: permission bits say little to root or on special file systems
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError as e:
+            raise GlorocertError(f"{path}: cannot write to {parent} ({e.strerror}); choose a writable location") from None
 
 
 def _position(graph, name: str) -> int:
@@ -399,7 +409,7 @@ def main() -> None:
     except GlorocertError as e:
         if DEBUG["on"]:
             raise
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted; no partial output was written")

@@ -235,29 +235,33 @@ def _certify_locally(model, dataset, job: _Job) -> dict:
         _forward,
         _normaliser,
         local_options,
+        local_slack,
         normalised_graph,
         normalization_of,
     )
+    from glorocert.certify import gloro
     from glorocert.certify import bcp, kw
     from glorocert.results import eps_key
 
     module = {"bcp": bcp, "kw": kw}[job.method]
     normalization = normalization_of(dataset.mean, dataset.std)
     graph = normalised_graph(model.graph, normalization)
-    options = local_options(module, graph, job.bound)  # BCP reuses the frozen bound's guaranteed norms, as the cascade does
+    options = local_options(module, graph, job.bound, normalization)  # BCP reuses the frozen bound's norms, as the cascade does
+    rtol = max(gloro.ROUNDING_RTOL, 4 * model.equivalence_gap)  # as api.certify
     shift, scale = _normaliser(normalization, len(model.input_shape))
     samples, correct_total, labelled = 0, 0, 0
     certified = {eps_key(e): 0 for e in job.eps}
     for batch in dataset.batches(job.batch_size):
         x = batch.x if scale is None else (batch.x - shift) / scale
-        predicted = _forward(model, x, job.batch_size).argmax(axis=1)
+        logits = _forward(model, x, job.batch_size)
+        predicted = logits.argmax(axis=1)
         correct = (predicted == batch.y) if batch.y is not None else np.ones(len(predicted), bool)
         if batch.y is not None:
             correct_total += int(correct.sum())
             labelled += len(predicted)
         pixels, classes = torch.from_numpy(batch.x), torch.from_numpy(predicted)
         for e in job.eps:
-            ok = module.certify(graph, pixels, classes, e, **options).numpy()
+            ok = module.certify(graph, pixels, classes, e, slack=local_slack(logits, rtol), **options).numpy()
             certified[eps_key(e)] += int((ok & correct).sum())
         samples += len(predicted)
     if not samples:

@@ -14,6 +14,7 @@ import torch
 
 from glorocert.api import certify
 from glorocert.certify import gloro, local
+from glorocert.data import open_dataset
 from glorocert.loaders import load
 from glorocert.results import eps_key
 
@@ -111,12 +112,46 @@ def test_bcp_reuses_the_frozen_sound_bound_only_when_it_is_the_same_guaranteed_c
     _, onnx_path, _ = trained_digits_model
     model = load(onnx_path)
     sound = compute_bound(model)
-    reused = composition_from_bound(sound, model.graph)
+    reused = composition_from_bound(sound, model.graph, None)
     fresh = compose(model.graph)
     assert reused is not None
     assert {b.name: b.upper for b in reused.blocks} == pytest.approx({b.name: b.upper for b in fresh.blocks}, rel=1e-9)
     assert np.allclose(reused.margin_upper, fresh.margin_upper, rtol=1e-9)
-    assert composition_from_bound(compute_bound(model, mode="estimate"), model.graph) is None
+    assert composition_from_bound(compute_bound(model, mode="estimate"), model.graph, None) is None
+    assert composition_from_bound(sound, model.graph, {"mean": [0.1], "std": [0.3]}) is None  # another normalisation
     other = load(onnx_path)  # a graph whose blocks the bound does not name is never given BCP
     sound.blocks = [b for b in sound.blocks if b["name"] != sound.blocks[0]["name"]]
-    assert composition_from_bound(sound, other.graph) is None
+    assert composition_from_bound(sound, other.graph, None) is None
+
+
+def test_certify_method_bcp_agrees_with_bcp_at_each_requested_eps(runs):
+    """Bisection stops within its tolerance below a radius; a sample that BCP certifies exactly at a
+    requested ε must still count as certified there (BCP's bound is monotone in ε, so the two agree)."""
+    from glorocert.certify import bcp
+
+    model, base, _ = runs
+    res = certify(model, "digits", EPS, method="bcp", batch_size=512)
+    x = np.concatenate([b.x for b in open_dataset("digits").batches(512)])
+    predicted = torch.from_numpy(res.rows["predicted"])
+    logits = model.runner(x)
+    slack = torch.from_numpy(max(gloro.ROUNDING_RTOL, 4 * model.equivalence_gap) * (1 + np.abs(logits).max(1)))
+    for e in EPS:
+        exact = bcp.certify(model.graph, torch.from_numpy(x), predicted, e, slack=slack).numpy() & res.rows["correct"]
+        assert np.array_equal(res.rows[f"certified@{eps_key(e)}"], exact), e
+
+
+def test_local_methods_keep_the_same_rounding_budget_as_gloro(trained_digits_model, monkeypatch):
+    """A margin within rtol·(1 + max|y|) of zero is not certified by any method (here rtol is made huge)."""
+    _, onnx_path, _ = trained_digits_model
+    model = load(onnx_path)
+    monkeypatch.setattr(gloro, "ROUNDING_RTOL", 10.0)
+    for method in ("gloro", "bcp", "cascade"):
+        res = certify(model, "digits", [0.0, 0.05], method=method, batch_size=512)
+        assert not res.rows["certified@0"].any() and not res.rows["certified@0.05"].any(), method
+
+
+def test_above_compares_every_bound_with_its_own_slack():
+    lower = torch.tensor([[0.5, torch.inf], [torch.inf, 0.01]], dtype=torch.float64)
+    assert local.above(lower, 0.0).tolist() == [True, True]
+    assert local.above(lower, torch.tensor([0.1, 0.1], dtype=torch.float64)).tolist() == [True, False]
+    assert local.above(lower, torch.tensor([9.0, 0.1, 0.0]), index=torch.tensor([2, 0])).tolist() == [True, False]

@@ -81,7 +81,6 @@ class WorstCase:
     point: torch.Tensor  # final iterate h (…, d) — diagnostic, never itself a certificate
     iterations: torch.Tensor  # box checks performed
     terminated: torch.Tensor  # the loop reached a point inside the box (False ⇒ fallback used)
-    multiplier: torch.Tensor  # t* = 1/λ* of the final iterate h = clip(z − t*c) (inf: box-only)
 
 
 def ball_bound(c, z, rho):
@@ -135,8 +134,7 @@ def worst_case(c, z, rho, lo, hi, *, max_iterations: int | None = None) -> Worst
     dual = dual_bound(c, z, rho, lo, hi, torch.where(usable, t, torch.ones_like(t)))
     usable = usable & ~torch.isnan(dual)
     value = torch.where(usable, torch.maximum(dual, fallback), fallback)
-    return WorstCase(value.reshape(batch), point.reshape(*batch, d), iterations.reshape(batch), done.reshape(batch),
-                     t.reshape(batch))
+    return WorstCase(value.reshape(batch), point.reshape(*batch, d), iterations.reshape(batch), done.reshape(batch))
 
 
 def _multiplier(c, z, rho, lo, hi, limit: int):
@@ -231,7 +229,7 @@ def _build_plan(graph: Graph, blocks: list, block_norm: Callable, margin: torch.
 
     For certification these are guaranteed upper bounds (:func:`_sound_plan`);
     for training, differentiable power-iteration estimates (:func:`training_lower_bounds`).
-    ``dtype`` float64 copies the parameters; any other dtype uses the graph's own (live) tensors.
+    ``dtype`` float64 works on float64 versions of the parameters; any other dtype on the graph's own (live) tensors.
     """
     factor = 1.0 + FLOAT_MARGIN
     steps: list[_Step] = []
@@ -378,15 +376,17 @@ def lower_bounds(
 
 def certify(
     graph: Graph, x: torch.Tensor, predicted: torch.Tensor, eps: float | torch.Tensor,
-    *, composition: Composition | None = None,
+    *, composition: Composition | None = None, slack: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
-    """(N,) bool: True ⟹ every input within l2 distance ε of x_n is classified ŷ_n by the IR."""
-    return (lower_bounds(graph, x, predicted, eps, composition=composition) > 0).all(dim=1)
+    """(N,) bool: True ⟹ every input within l2 distance ε of x_n is classified ŷ_n by the IR
+    (with every worst-case margin above ``slack``, see :func:`local.above`)."""
+    return local.above(lower_bounds(graph, x, predicted, eps, composition=composition), slack)
 
 
 def certified_radius(
     graph: Graph, x: torch.Tensor, predicted: torch.Tensor, *,
     eps_max: float = 4.0, tol: float = local.BISECTION_TOL, composition: Composition | None = None,
+    slack: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """(N,) float64: an ε at which :func:`certify` succeeded (bisection, lower end, width ≤ tol); 0 if none.
 
@@ -398,7 +398,7 @@ def certified_radius(
 
     def certified_at(index, eps):
         with torch.no_grad():
-            return (_lower_bounds(plan, x[index], predicted[index], eps) > 0).all(dim=1)
+            return local.above(_lower_bounds(plan, x[index], predicted[index], eps), slack, index)
 
     return local.bisect_radius(certified_at, x.shape[0], eps_max=eps_max, tol=tol)
 

@@ -108,7 +108,7 @@ def _identity_back(segment: _Segment, dtype) -> torch.Tensor:
 
 
 def _build_plan(graph: Graph, dtype=torch.float64) -> _Plan:
-    """float64 copies the parameters; any other dtype keeps the graph's own (live, differentiable) tensors."""
+    """float64 works on float64 versions of the parameters; any other dtype on the graph's own (live, differentiable) tensors."""
     nodes: list[Node] = local.chain(graph, METHOD)
     segments, relu_names, current, shape = [], [], [], graph.input_shape
     seg_in = shape
@@ -308,15 +308,17 @@ def lower_bounds(
 
 
 def certify(
-    graph: Graph, x: torch.Tensor, predicted: torch.Tensor, eps: float | torch.Tensor, *, norm: str = "l2"
+    graph: Graph, x: torch.Tensor, predicted: torch.Tensor, eps: float | torch.Tensor, *, norm: str = "l2",
+    slack: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
-    """(N,) bool: True ⟹ every input within distance ε (``norm``) of x_n is classified ŷ_n by the IR."""
-    return (lower_bounds(graph, x, predicted, eps, norm=norm) > 0).all(dim=1)
+    """(N,) bool: True ⟹ every input within distance ε (``norm``) of x_n is classified ŷ_n by the IR
+    (with every J above ``slack``, see :func:`local.above`)."""
+    return local.above(lower_bounds(graph, x, predicted, eps, norm=norm), slack)
 
 
 def certified_radius(
     graph: Graph, x: torch.Tensor, predicted: torch.Tensor, *,
-    eps_max: float = 4.0, tol: float = local.BISECTION_TOL, norm: str = "l2",
+    eps_max: float = 4.0, tol: float = local.BISECTION_TOL, norm: str = "l2", slack: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """(N,) float64: an ε at which :func:`certify` succeeded (bisection, lower end, width ≤ tol); 0 if none.
 
@@ -330,7 +332,7 @@ def certified_radius(
 
     def certified_at(index, eps):
         with torch.no_grad():
-            return (_lower_bounds(plan, x[index], predicted[index], eps, q) > 0).all(dim=1)
+            return local.above(_lower_bounds(plan, x[index], predicted[index], eps, q), slack, index)
 
     return local.bisect_radius(certified_at, x.shape[0], eps_max=eps_max, tol=tol)
 

@@ -49,7 +49,7 @@ def as_double(op: Op) -> Op:
 
 
 def for_dtype(op: Op, dtype: torch.dtype) -> Op:
-    """float64: :func:`as_double` (certification); any other dtype: the op itself, parameters live (training)."""
+    """float64: :func:`as_double` (certification); any other dtype: the op itself, its tensors untouched (training)."""
     return as_double(op) if dtype == torch.float64 else op
 
 
@@ -109,7 +109,13 @@ _CACHE: dict[tuple[int, str], tuple[weakref.ref, object]] = {}
 
 
 def cached(graph: Graph, key: str, build: Callable[[], object]) -> object:
-    """``build()`` once per (graph object, key); entries die with the graph."""
+    """``build()`` once per (graph object, key); entries die with the graph.
+
+    A graph holding trainable tensors (``train.local_losses.live_graph``) changes under
+    the optimiser, so its plans are rebuilt on every call instead of cached.
+    """
+    if any(isinstance(v, torch.Tensor) and v.requires_grad for node in graph.nodes for v in vars(node.op).values()):
+        return build()
     slot = (id(graph), key)
     hit = _CACHE.get(slot)
     if hit is not None and hit[0]() is graph:
@@ -155,6 +161,16 @@ def adjoint(op: Op, cotangent: torch.Tensor, in_shape: tuple[int, ...]) -> torch
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(op.homogeneous(zero), zero, grad_outputs=cotangent)
     return grad
+
+
+def above(lower: torch.Tensor, slack: float | torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) bool: every lower bound of a sample exceeds its ``slack`` (a float, or one per sample; ``index``
+    selects the samples ``lower`` is for). The slack is the room callers keep for the gap between the IR
+    and the model it was converted from (``glorocert.api``: the same rounding budget GloRo subtracts)."""
+    slack = torch.as_tensor(slack, dtype=lower.dtype)
+    if slack.dim() and index is not None:
+        slack = slack[index]
+    return (lower > slack.reshape(-1, 1)).all(dim=1)
 
 
 # --------------------------------------------------------------------------- bisection

@@ -113,6 +113,10 @@ class Bound:
         if not (math.isfinite(self.lipschitz) and self.lipschitz >= 0):
             raise GlorocertError(f"{path}: the Lipschitz constant {self.lipschitz} is not a finite non-negative number")
 
+    def same_normalization(self, normalization: dict | None) -> bool:
+        """Whether the bound was computed under this input normalisation (None: none)."""
+        return _norm_key(normalization) == _norm_key(self.normalization)
+
     def check_matches(self, sha256: str, input_shape, normalization: dict | None, path: Path | str = "bound") -> None:
         """Refuse a bound computed for another model file, shape or normalisation."""
         if sha256 != self.model_sha256:
@@ -122,7 +126,7 @@ class Bound:
             )
         if list(input_shape) != list(self.input_shape):
             raise GlorocertError(f"{path}: bound computed for input shape {self.input_shape}, the model takes {list(input_shape)}")
-        if _norm_key(normalization) != _norm_key(self.normalization):
+        if not self.same_normalization(normalization):
             raise GlorocertError(
                 f"{path}: bound computed with input normalisation {self.normalization}, but this run uses {normalization}; "
                 "recompute the bound with the same --mean/--std"

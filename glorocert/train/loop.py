@@ -139,6 +139,8 @@ class TrainConfig:
                            f"--method {self.method} trains ReLU networks (its bounds need a monotone "
                            f"activation), got --activation {self.activation}; use --activation relu"))
             checks.append((self.lam <= 1, f"--lam is the mixing weight κ in [0, 1] for --method {self.method}, got {self.lam}"))
+            checks.append((self.loss == "gloro", f"--loss {self.loss} is for --method gloro; --method {self.method} "
+                                                 "minimises its own robust loss (mix it with CE through --lam)"))
         if self.smoothing:
             checks += [
                 (math.isfinite(self.sigma) and self.sigma > 0,
