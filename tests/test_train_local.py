@@ -171,6 +171,8 @@ def test_method_defaults_follow_the_papers():
 @pytest.mark.parametrize("kwargs, message", [
     ({"method": "bcp", "activation": "minmax"}, "ReLU"),
     ({"method": "kw", "lam": 2.0}, "κ"),
+    ({"method": "bcp", "loss": "ce"}, "--loss ce is for --method gloro"),
+    ({"method": "kw", "loss": "trades"}, "--loss trades is for --method gloro"),
 ])
 def test_invalid_local_configs_are_refused(kwargs, message):
     with pytest.raises(GlorocertError, match=message):
@@ -308,3 +310,17 @@ def test_a_network_too_wide_for_exact_kw_bounds_is_refused_before_anything_is_wr
     with pytest.raises(GlorocertError, match="too large for exact KW bounds"):
         train(TrainConfig(method="kw", arch="4c3f", eps=0.3, epochs=1, out_dir=str(out)), x, y, x, y)
     assert not out.exists()
+
+
+def test_certifying_a_live_graph_never_reuses_a_plan_from_before_the_weights_moved(digits):
+    model = small_net()
+    graph = local_losses.live_graph(model, (1, 8, 8))
+    x, y = digits[0][:30], digits[1][:30]
+    before = bcp.lower_bounds(graph, x, y, 0.1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    after = bcp.lower_bounds(graph, x, y, 0.1)
+    fresh = bcp.lower_bounds(local_losses.live_graph(model, (1, 8, 8)), x, y, 0.1)
+    finite = torch.isfinite(fresh)
+    assert torch.equal(after[finite], fresh[finite]) and not torch.equal(before[finite], after[finite])
