@@ -52,18 +52,23 @@ def _sound_bound_and_vra(onnx_path: Path, eps: float, x_val: torch.Tensor, y_val
 
 
 def _sound_local_vra(onnx_path: Path, method: str, eps: float, x_val: torch.Tensor, y_val: torch.Tensor) -> float:
-    """Held-out VRA by the local certifier itself (guaranteed bounds, float64) on the exported model,
-    as ``glorocert certify --method bcp|kw`` computes it at ``eps``."""
+    """Held-out VRA by the local certifier itself on the exported model, as ``glorocert certify --method
+    bcp|kw`` counts it at ``eps``: guaranteed bounds (BCP's norms from the frozen bound), float64, and
+    GloRo's rounding budget on the native logits."""
     import glorocert.api as api
-    from glorocert.certify import bcp, kw
+    from glorocert.certify import bcp, gloro, kw
 
     loaded = api.load(str(onnx_path))
+    bound, _ = api.resolve_bound(loaded, None, None)
     module = {"bcp": bcp, "kw": kw}[method]
+    options = api.local_options(module, loaded.graph, bound, None)
+    rtol = max(gloro.ROUNDING_RTOL, 4 * loaded.equivalence_gap)
     certified = 0
     for start in range(0, len(x_val), 250):
         xb, yb = x_val[start:start + 250], y_val[start:start + 250]
-        predicted = torch.from_numpy(loaded.runner(xb.numpy()).argmax(1))
-        ok = module.certify(loaded.graph, xb, predicted, eps)
+        logits = loaded.runner(xb.numpy())
+        predicted = torch.from_numpy(logits.argmax(1))
+        ok = module.certify(loaded.graph, xb, predicted, eps, slack=api.local_slack(logits, rtol), **options)
         certified += int((ok & (predicted == yb)).sum())
     return certified / len(x_val)
 
