@@ -324,3 +324,12 @@ def test_certifying_a_live_graph_never_reuses_a_plan_from_before_the_weights_mov
     fresh = bcp.lower_bounds(local_losses.live_graph(model, (1, 8, 8)), x, y, 0.1)
     finite = torch.isfinite(fresh)
     assert torch.equal(after[finite], fresh[finite]) and not torch.equal(before[finite], after[finite])
+
+
+def test_final_kw_figures_cover_the_whole_held_out_split(digits):
+    x, y, xv, yv = digits
+    assert len(yv) > local_losses.KW_EVAL_SAMPLES
+    result = train(TrainConfig(method="kw", eps=0.1, epochs=1, batch_size=100), x[:100], y[:100], xv, yv)
+    with torch.no_grad():
+        expected = float((result.model(xv).argmax(1) == yv).float().mean())
+    assert result.clean_acc == pytest.approx(expected)

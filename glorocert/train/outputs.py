@@ -25,7 +25,6 @@ import glorocert
 from glorocert.errors import GlorocertError
 from glorocert.train.architectures import save_checkpoint
 from glorocert.train.export import export_onnx, export_torchscript
-from glorocert.train.local_losses import KW_EVAL_SAMPLES
 
 
 def bound_path_for(onnx_path: Path) -> Path:
@@ -244,7 +243,7 @@ def model_card(result, n_val: int, name: str) -> str:
         loss = (f"(1 − κ)·CE(z, y) + κ·CE(worst-translated logits from {name_of} bounds), κ → {c.lam} "
                 f"(`{c.lam_schedule}`)")
         estimate_label = ("BCP bounds with power-iteration layer norms, not a guarantee" if c.method == "bcp"
-                          else f"KW bounds in float32 on the first {min(n_val, KW_EVAL_SAMPLES)} held-out samples")
+                          else "KW bounds in float32")
         vra_line = vra_line.replace("**", "").replace("(sound frozen bound)", "(GloRo rule, sound frozen global bound)")
         local_lines = [f"| **VRA at ε = {c.eps} ({name_of}, sound local bounds)** | **{_pct(result.vra_local_sound)}** |"]
     activation = c.activation if c.activation == "relu" else f"MinMax (pairing: {c.minmax_pairing})"
