@@ -267,7 +267,7 @@ def model_card(result, n_val: int, name: str) -> str:
         f"{platform.machine()} CPU, torch {torch.__version__}) |",
         "",
         "VRA = fraction of held-out samples that are predicted correctly *and* certified",
-        "(GloRo: ⊥ logit below the top logit; BCP / KW: every worst-case margin > 0; ties count as not certified).",
+        "(GloRo: ⊥ logit below the top logit; BCP / KW: every worst-case margin above the same rounding budget; ties count as not certified).",
         "",
         *_data_and_architecture(c, spec, n_val, activation),
         f"- Loss: {loss}",
