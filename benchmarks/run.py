@@ -193,9 +193,8 @@ def peak_rss(mode: str, path: Path) -> int:
 
 
 def _rss_child(mode: str, path: str) -> None:
-    import resource
-
     from glorocert.api import certify
+    from glorocert.compare_local import peak_rss_bytes
     from glorocert.data import open_dataset
 
     loaded = load(path, input_shape=(1, 28, 28))
@@ -205,7 +204,7 @@ def _rss_child(mode: str, path: str) -> None:
             loaded.runner(b.x)
     else:
         certify(loaded, data, [0.3], batch_size=256)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(peak_rss_bytes())  # this process's own peak: ru_maxrss would carry the (large) parent's over exec
 
 
 class _EpochClock:

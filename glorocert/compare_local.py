@@ -9,7 +9,7 @@ seconds per sample, and peak resident memory.
 
 Peak memory is per method because each method runs in a fresh process
 (``multiprocessing`` *spawn*); the child loads the model and data itself and
-sends back its result and ``getrusage(RUSAGE_SELF).ru_maxrss``. The memory
+sends back its result and its own peak RSS (:func:`peak_rss_bytes`). The memory
 reported therefore includes the interpreter, torch and the loaded model
 (``load_rss_bytes`` is the peak right after loading, the same for every
 method; the difference is what certifying added).
@@ -274,7 +274,18 @@ def _certify_locally(model, dataset, job: _Job) -> dict:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far, in bytes."""
+    """This process's peak resident set size so far, in bytes.
+
+    Linux: ``VmHWM`` of /proc/self/status. Not ``ru_maxrss``, which survives fork and exec: a child
+    spawned by a large parent would report the parent's peak as its own.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

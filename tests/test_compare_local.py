@@ -174,3 +174,17 @@ def test_parse_methods_keeps_order_and_drops_duplicates():
     assert compare_local.parse_methods("kw, gloro,kw") == ["kw", "gloro"]
     assert compare_local.parse_methods(["GLORO"]) == ["gloro"]
     assert np.all([m in compare_local.METHODS for m in compare_local.parse_methods(",".join(compare_local.METHODS))])
+
+
+def test_a_child_reports_its_own_peak_memory_not_its_parents():
+    """ru_maxrss survives fork + exec on Linux: a child of a large parent would report the parent's peak."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(600 * 2**20)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: the parent's peak is now ≥ 600 MiB
+    code = "from glorocert.compare_local import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert compare_local.peak_rss_bytes() > 600 * 2**20
+    assert child < 400 * 2**20
+    del ballast
