@@ -37,6 +37,17 @@ ModelArg = Annotated[Path, typer.Argument(help="Model file: .onnx, TorchScript (
 InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Per-sample input shape C,H,W when the model does not record it (TorchScript), e.g. 1,28,28.")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled nn.Module (torch.save(model)); pickles can run arbitrary code.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (falls back to the CPU with a message).")]
+# options shared by the commands that read a dataset (certify, compare-rs, compare-local, audit)
+DataOpt = Annotated[str, typer.Option("--data", help="mnist-5k, fashion-mnist, digits, or a file: .npz, .npy (+ --labels), .csv, image folder.")]
+EpsList = Annotated[str, typer.Option("--eps", help="l2 radius/radii in [0,1] pixel space, comma-separated: 0.3 or 0.1,0.3,1.58.")]
+BoundOpt = Annotated[Optional[Path], typer.Option("--bound", help="Bound JSON (default: MODEL.bound.json next to the model, computed and cached if absent).")]
+LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="Labels .npy for a .npy input file.")]
+StartOpt = Annotated[int, typer.Option("--start", help="First sample.")]
+LayoutOpt = Annotated[str, typer.Option("--layout", help="auto, nchw or nhwc.")]
+ScaleOpt = Annotated[str, typer.Option("--scale", help="auto (divide by 255 when needed), none or 255.")]
+FallbackOpt = Annotated[str, typer.Option("--fallback", help="Local method the cascade uses: bcp or kw.")]
+SplitOpt = Annotated[str, typer.Option("--split", help="train or test (built-in datasets).")]
+StdOpt = Annotated[Optional[str], typer.Option("--std", help="Its per-channel std.")]
 
 
 @app.callback()
@@ -153,24 +164,24 @@ def _floats(text: str | None, option: str) -> list[float] | None:
 @app.command()
 def certify(
     model: ModelArg,
-    data: Annotated[str, typer.Option("--data", help="mnist-5k, fashion-mnist, digits, or a file: .npz, .npy (+ --labels), .csv, image folder.")] = "mnist-5k",
-    eps: Annotated[str, typer.Option("--eps", help="l2 radius/radii in [0,1] pixel space, comma-separated: 0.3 or 0.1,0.3,1.58.")] = "0.3",
+    data: DataOpt = "mnist-5k",
+    eps: EpsList = "0.3",
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Per-sample rows: .csv, .jsonl or .parquet.")] = None,
     summary_path: Annotated[Optional[Path], typer.Option("--summary", help="Summary JSON.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Certified accuracy vs radius: .png, .svg or .pdf.")] = None,
-    bound_path: Annotated[Optional[Path], typer.Option("--bound", help="Bound JSON (default: MODEL.bound.json next to the model, computed and cached if absent).")] = None,
-    split: Annotated[str, typer.Option("--split", help="train or test (built-in datasets).")] = "test",
-    labels: Annotated[Optional[Path], typer.Option("--labels", help="Labels .npy for a .npy input file.")] = None,
-    start: Annotated[int, typer.Option("--start", help="First sample.")] = 0,
+    bound_path: BoundOpt = None,
+    split: SplitOpt = "test",
+    labels: LabelsOpt = None,
+    start: StartOpt = 0,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Number of samples.")] = None,
-    layout: Annotated[str, typer.Option("--layout", help="auto, nchw or nhwc.")] = "auto",
-    scale: Annotated[str, typer.Option("--scale", help="auto (divide by 255 when needed), none or 255.")] = "auto",
+    layout: LayoutOpt = "auto",
+    scale: ScaleOpt = "auto",
     mean: Annotated[Optional[str], typer.Option("--mean", help="Normalisation applied outside the model (folded into the bound).")] = None,
-    std: Annotated[Optional[str], typer.Option("--std", help="Its per-channel std.")] = None,
+    std: StdOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 256,
     device: Device = "cpu",
     method: Annotated[str, typer.Option("--method", help="gloro (global bound, one forward pass), bcp or kw (local bounds on every sample; full radius by bisection), or cascade (gloro, then --fallback once per requested ε on the samples gloro leaves ⊥ there; a rescued sample's radius is the largest requested ε the fallback certified, so cascade radii lie on the --eps grid).")] = "gloro",
-    fallback: Annotated[str, typer.Option("--fallback", help="Local method the cascade uses: bcp or kw.")] = "bcp",
+    fallback: FallbackOpt = "bcp",
     fail_under: Annotated[Optional[float], typer.Option("--fail-under", help="Exit 1 when the VRA at the largest ε is below this fraction (e.g. 0.9).")] = None,
     input_shape: InputShape = None,
     trust_pickle: TrustPickle = False,
@@ -238,7 +249,7 @@ def compare_rs(
     batch: Annotated[int, typer.Option("--batch", help="Noisy copies per forward pass.")] = 1000,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Samples (before --skip).")] = None,
     skip: Annotated[int, typer.Option("--skip", help="Keep every k-th sample (Cohen used 20 on the test set).")] = 1,
-    split: Annotated[str, typer.Option("--split", help="train or test (built-in datasets).")] = "test",
+    split: SplitOpt = "test",
     seed: Annotated[int, typer.Option("--seed", help="Noise seed (per sample: seed and index).")] = 0,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory for rows (both methods), summary.json and the appended smoothing log.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out without redoing finished samples.")] = False,
@@ -284,21 +295,21 @@ def compare_rs(
 @app.command("compare-local")
 def compare_local(
     model: ModelArg,
-    data: Annotated[str, typer.Option("--data", help="mnist-5k, fashion-mnist, digits, or a file: .npz, .npy (+ --labels), .csv, image folder.")] = "mnist-5k",
-    eps: Annotated[str, typer.Option("--eps", help="l2 radius/radii in [0,1] pixel space, comma-separated: 0.3 or 0.1,0.3,1.58.")] = "0.3",
+    data: DataOpt = "mnist-5k",
+    eps: EpsList = "0.3",
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: gloro (global bound), bcp, kw (local bounds, one pass per ε on every sample), cascade (gloro, then --fallback on its ⊥ samples).")] = "gloro,bcp,kw,cascade",
     kw_limit: Annotated[int, typer.Option("--kw-limit", help="KW certifies only the first N samples (it is ~1000× slower than gloro); 0: all.")] = 100,
-    fallback: Annotated[str, typer.Option("--fallback", help="Local method the cascade uses: bcp or kw.")] = "bcp",
+    fallback: FallbackOpt = "bcp",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report (every row, versions) as JSON.")] = None,
-    bound_path: Annotated[Optional[Path], typer.Option("--bound", help="Bound JSON (default: MODEL.bound.json next to the model, computed and cached if absent).")] = None,
-    split: Annotated[str, typer.Option("--split", help="train or test (built-in datasets).")] = "test",
-    labels: Annotated[Optional[Path], typer.Option("--labels", help="Labels .npy for a .npy input file.")] = None,
-    start: Annotated[int, typer.Option("--start", help="First sample.")] = 0,
+    bound_path: BoundOpt = None,
+    split: SplitOpt = "test",
+    labels: LabelsOpt = None,
+    start: StartOpt = 0,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Number of samples.")] = None,
-    layout: Annotated[str, typer.Option("--layout", help="auto, nchw or nhwc.")] = "auto",
-    scale: Annotated[str, typer.Option("--scale", help="auto (divide by 255 when needed), none or 255.")] = "auto",
+    layout: LayoutOpt = "auto",
+    scale: ScaleOpt = "auto",
     mean: Annotated[Optional[str], typer.Option("--mean", help="Normalisation applied outside the model (folded into the bound and the local methods' graph).")] = None,
-    std: Annotated[Optional[str], typer.Option("--std", help="Its per-channel std.")] = None,
+    std: StdOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass / local-bound pass (KW's memory grows with it).")] = 256,
     device: Device = "cpu",
     input_shape: InputShape = None,
@@ -356,14 +367,14 @@ def audit(
     model: ModelArg,
     data: Annotated[str, typer.Option("--data", help="Dataset, as for certify.")] = "mnist-5k",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Samples to certify and attack.")] = 200,
-    split: Annotated[str, typer.Option("--split", help="train or test (built-in datasets).")] = "test",
+    split: SplitOpt = "test",
     bound_path: Annotated[Optional[Path], typer.Option("--bound", help="Bound JSON (default: next to the model).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Steps per attack.")] = 100,
     restarts: Annotated[int, typer.Option("--restarts", help="Random restarts of the fixed-budget PGD attack.")] = 2,
     seed: Annotated[int, typer.Option("--seed", help="Attack seed.")] = 0,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory for audit.json and one .npz per violation.")] = None,
     mean: Annotated[Optional[str], typer.Option("--mean", help="Normalisation applied outside the model.")] = None,
-    std: Annotated[Optional[str], typer.Option("--std", help="Its per-channel std.")] = None,
+    std: StdOpt = None,
     input_shape: InputShape = None,
     trust_pickle: TrustPickle = False,
 ) -> None:

@@ -254,6 +254,43 @@ def load_saved(path: Path, shape=SHAPE, **kwargs):
     return load(path, input_shape=shape, **kwargs)
 
 
+def run_main(monkeypatch, capsys, *args, width: int | None = None) -> tuple[int, str, str]:
+    """Run ``glorocert ARGS`` through cli.main(); returns (exit code, stdout, stderr).
+
+    ``width`` widens stdout's console so that no table cell wraps, whoever imported cli first.
+    """
+    import sys
+
+    from rich.console import Console
+
+    from glorocert import cli
+
+    monkeypatch.setattr(sys, "argv", ["glorocert", *map(str, args)])
+    monkeypatch.setitem(cli.DEBUG, "on", False)
+    if width is not None:
+        monkeypatch.setattr(cli, "out", Console(width=width))
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = 0 if e.code is None else e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def digits_split(n_train: int, n_held_out: int):
+    """sklearn's 8×8 digits in [0, 1], shuffled with seed 0: (x, y) train, then (x, y) held out."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images / 16.0, dtype=torch.float32)[:, None]
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    end = n_train + n_held_out
+    return x[:n_train], y[:n_train], x[n_train:end], y[n_train:end]
+
+
 # --------------------------------------------------------------------------- fixtures
 
 

@@ -16,24 +16,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SHAPE, make_model, save_as, save_pickle
+from conftest import SHAPE, make_model, run_main, save_as, save_pickle
 from glorocert import cli
 from glorocert.data import open_dataset
 from glorocert.lipschitz.boundfile import Bound, default_path
 from glorocert.results import read_rows
-
-
-def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run ``glorocert ARGS`` through cli.main(); returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["glorocert", *map(str, args)])
-    monkeypatch.setitem(cli.DEBUG, "on", False)
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = 0 if e.code is None else e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

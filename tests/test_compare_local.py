@@ -9,28 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 from rich.console import Console
 
+import conftest
 from glorocert import cli, compare_local
 from glorocert.api import certify
 from glorocert.loaders import load
 
 
 def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["glorocert", *map(str, args)])
-    monkeypatch.setitem(cli.DEBUG, "on", False)
-    monkeypatch.setattr(cli, "out", Console(width=250))  # wide enough that no cell wraps, whoever imported cli first
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = 0 if e.code is None else e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return conftest.run_main(monkeypatch, capsys, *args, width=250)
 
 
 def rows_by_method(report: dict) -> dict:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import digits_split
 from glorocert.errors import GlorocertError
 from glorocert.train import losses
 from glorocert.train.architectures import (
@@ -40,14 +41,7 @@ def _few_threads():
 @pytest.fixture(scope="module")
 def digits():
     """sklearn's 8×8 digits in [0, 1]: 512 train / 256 held-out samples."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images / 16.0, dtype=torch.float32)[:, None]
-    y = torch.tensor(data.target, dtype=torch.int64)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
-    return x[:512], y[:512], x[512:768], y[512:768]
+    return digits_split(512, 256)
 
 
 def spec(arch="2c2f", activation="relu", pairing="halves", shape=(1, 28, 28), classes=10):

@@ -23,20 +23,13 @@ from glorocert.train.architectures import build
 from glorocert.train.loop import METHOD_SCHEDULES, TrainConfig, train
 from glorocert.train.outputs import command_line
 from glorocert.train.power import PowerIteration
-from test_cli import run_main
+from conftest import digits_split, run_main
 
 
 @pytest.fixture(scope="module")
 def digits():
     """sklearn's 8×8 digits in [0, 1]: 600 train / 240 held-out samples."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images / 16.0, dtype=torch.float32)[:, None]
-    y = torch.tensor(data.target, dtype=torch.int64)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
-    return x[:600], y[:600], x[600:840], y[600:840]
+    return digits_split(600, 240)
 
 
 def small_net(seed=0, dtype=torch.float32):

@@ -376,6 +376,20 @@ def _load_state(out: Path, model, optimizer, power) -> dict[str, Any]:
     return state
 
 
+def _end_epoch(out: Path, model, optimizer, power, config, spec, history, seconds: float,
+               columns: tuple[str, ...] = LOG_COLUMNS) -> None:
+    """After each epoch: the log so far, and everything --resume needs to continue from here."""
+    _write_log(out / "log.csv", history, columns)
+    _save_state(out, model, optimizer, power, {
+        "format": "1",
+        "epochs_done": len(history),
+        "seconds": seconds,
+        "config": config.to_dict(),
+        "spec": spec,
+        "history": [dataclasses.asdict(r) for r in history],
+    })
+
+
 def _write_log(path: Path, history: list[EpochRecord], columns: tuple[str, ...] = LOG_COLUMNS) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -592,15 +606,7 @@ def _train(config, spec, device, x_train, y_train, x_val, y_val, progress) -> Tr
         history.append(record)
         seconds_before += record.seconds
         if out is not None:
-            _write_log(out / "log.csv", history)
-            _save_state(out, model, optimizer, power, {
-                "format": "1",
-                "epochs_done": epoch + 1,
-                "seconds": seconds_before,
-                "config": config.to_dict(),
-                "spec": spec,
-                "history": [dataclasses.asdict(r) for r in history],
-            })
+            _end_epoch(out, model, optimizer, power, config, spec, history, seconds_before)
         _call(progress, "on_epoch", record)
 
     power.converge(config.converge_tol, config.converge_max_iterations)
@@ -689,15 +695,7 @@ def _train_smoothing(config, spec, device, model, power, optimizer, lr_schedule,
         history.append(record)
         seconds_before += record.seconds
         if out is not None:
-            _write_log(out / "log.csv", history, SMOOTHING_LOG_COLUMNS)
-            _save_state(out, model, optimizer, power, {
-                "format": "1",
-                "epochs_done": epoch + 1,
-                "seconds": seconds_before,
-                "config": config.to_dict(),
-                "spec": spec,
-                "history": [dataclasses.asdict(r) for r in history],
-            })
+            _end_epoch(out, model, optimizer, power, config, spec, history, seconds_before, SMOOTHING_LOG_COLUMNS)
         _call(progress, "on_epoch", record)
 
     model.eval()
