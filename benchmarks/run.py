@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from glorocert.lipschitz import operators  # noqa: E402
 from glorocert.lipschitz.compose import blocks_of, compose  # noqa: E402
 from glorocert.loaders import load  # noqa: E402
-from glorocert.train.architectures import build  # noqa: E402
+from glorocert.zoo import build  # noqa: E402
 
 console = Console(width=150)
 

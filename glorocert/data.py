@@ -54,8 +54,9 @@ from pathlib import Path
 import numpy as np
 
 from glorocert.errors import GlorocertError
+from glorocert.normalization import Normalization
 
-__all__ = ["BUILTINS", "Batch", "Dataset", "open_dataset", "read_idx", "stratified_split"]
+__all__ = ["BUILTINS", "Batch", "Dataset", "from_arrays", "open_dataset", "read_idx", "stratified_split"]
 
 BUILTINS = ("mnist-5k", "digits", "fashion-mnist")
 SPLITS = ("train", "test")
@@ -227,8 +228,7 @@ class Dataset:
     num_samples: int
     num_classes: int | None
     has_labels: bool
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
+    normalization: Normalization | None  # applied by the certifier, folded into the bound
     _source: _Source | None = field(default=None, repr=False, compare=False)
     _convert: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False, compare=False)
     _start: int = field(default=0, repr=False)
@@ -259,6 +259,21 @@ class Dataset:
             y = None if source.labels is None else source.labels[lo : lo + n].copy()  # callers may mutate
             yield Batch(index=np.arange(lo, lo + n, dtype=np.int64), x=x, y=y)
             lo += n
+
+
+def from_arrays(x: np.ndarray, y: np.ndarray | None = None, *, name: str = "arrays",
+                normalization: Normalization | None = None) -> Dataset:
+    """In-memory float32 samples (N, C, H, W) in [0, 1] (and int labels) as a Dataset, e.g. a held-out split."""
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    labels = None if y is None else _check_labels(np.asarray(y), _ArraySource(x, name), len(x))
+    source = _ArraySource(x, name, labels)
+    if source.length == 0:
+        raise GlorocertError(f"{name} holds no samples; nothing to certify")
+    return Dataset(
+        name=name, shape=tuple(x.shape[1:]), num_samples=len(x),
+        num_classes=None if labels is None else int(labels.max()) + 1, has_labels=labels is not None,
+        normalization=normalization, _source=source, _convert=lambda batch: batch, _scale_hint="not rescaled",
+    )
 
 
 def open_dataset(
@@ -333,8 +348,7 @@ def open_dataset(
         num_samples=count,
         num_classes=num_classes,
         has_labels=source.labels is not None,
-        mean=_per_channel(mean, channels, "mean"),
-        std=_per_channel(std, channels, "std"),
+        normalization=_per_channel(mean, std, channels),
         _source=source,
         _convert=convert,
         _start=start,
@@ -612,14 +626,13 @@ def _check_labels(labels: np.ndarray, source: _Source, expected: int) -> np.ndar
     return y.astype(np.int64)
 
 
-def _per_channel(value: float | Sequence[float] | None, channels: int, what: str) -> tuple[float, ...] | None:
-    if value is None:
+def _per_channel(mean, std, channels: int) -> Normalization | None:
+    """The user's --mean/--std, one value per channel (a single value is repeated)."""
+    norm = Normalization.of(mean, std)
+    if norm is None:
         return None
-    values = (float(value),) if np.isscalar(value) else tuple(float(v) for v in value)  # type: ignore[arg-type]
-    if len(values) == 1:
-        values = values * channels
-    if len(values) != channels:
-        raise GlorocertError(f"{what} has {len(values)} values but the data has {channels} channels; give one per channel")
-    if not all(math.isfinite(v) for v in values) or (what == "std" and min(values) <= 0):
-        raise GlorocertError(f"{what} {values} is invalid: values must be finite{' and > 0' if what == 'std' else ''}")
-    return values
+    for what, values in (("mean", norm.mean), ("std", norm.std)):
+        if len(values) not in (1, channels):
+            raise GlorocertError(f"{what} has {len(values)} values but the data has {channels} channels; give one per channel")
+    mean, std = norm.per_channel(channels)
+    return Normalization(tuple(mean.tolist()), tuple(std.tolist()))

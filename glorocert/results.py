@@ -1,9 +1,8 @@
 """Per-sample rows, summaries, tables and plots — written so a crash never leaves half a file.
 
-Every writer goes through :func:`atomic_write`: the data is written to a
-temporary file in the target's directory and moved over the target with
-``os.replace`` only once complete, so after an exception, a crash or Ctrl-C
-the target either holds the previous complete file or does not exist.
+Every writer goes through :func:`glorocert.files.atomic_write`, so after an
+exception, a crash or Ctrl-C a target either holds the previous complete
+file or does not exist.
 
 Radii are written at full float64 precision (shortest round-trip ``repr``
 in CSV/JSONL, float64 in Parquet): a radius must never be rounded up on its
@@ -12,19 +11,18 @@ way to disk, or a reloaded certificate would claim more than was proven.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import os
-import secrets
-from collections.abc import Iterator, Mapping, Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from glorocert.errors import GlorocertError
+from glorocert.files import atomic_write, write_json  # noqa: F401 - write_json: results are written through here too
 
 __all__ = [
     "ROW_FORMATS",
@@ -32,9 +30,9 @@ __all__ = [
     "certified_accuracy_curve",
     "eps_key",
     "plot_curves",
+    "check_output_path",
     "read_rows",
     "summarize",
-    "summary_table",
     "write_json",
     "write_rows",
 ]
@@ -44,40 +42,24 @@ PLOT_FORMATS = (".png", ".svg", ".pdf")
 SCHEMA_METADATA_KEY = b"glorocert.schema_version"
 
 
+def check_output_path(path: str | os.PathLike | None, formats: Sequence[str]) -> None:
+    """Refuse an unknown format or an unwritable location before any work is done (nothing is written on a usage error)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.suffix.lower() not in formats:
+        raise GlorocertError(f"{path}: unknown format {path.suffix or '(no extension)'}; use one of {', '.join(formats)}")
+    parent = next(p for p in path.absolute().parents if p.exists())  # missing directories are created later
+    try:  # a real probe: permission bits say little to root or on special file systems
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise GlorocertError(f"{path}: cannot write to {parent} ({e.strerror}); choose a writable location") from None
+
+
 def eps_key(eps: float) -> str:
     """Stable text for an eps/radius value (``0.3`` → ``"0.3"``, also from float32), used in column and summary keys."""
     return format(float(eps), "g")
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it over ``path`` only if the block completes.
-
-    On any exception (including KeyboardInterrupt) the temporary file is
-    removed and the exception re-raised, so ``path`` is never half-written.
-    Missing parent directories are created.
-    """
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp{target.suffix}")
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies, unlike mkstemp's 0600
-    except OSError as e:
-        raise GlorocertError(f"cannot write {target}: {e.strerror or e}; choose a writable location") from e
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the data is on disk before the rename makes it visible
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise GlorocertError(f"cannot write {target}: {e.strerror or e}") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- rows
@@ -175,27 +157,6 @@ def _typed(values: list) -> np.ndarray:
     return np.array(values, dtype=object)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically; numpy scalars/arrays and paths become plain JSON."""
-    text = json.dumps(_jsonable(obj), indent=2) + "\n"
-    with atomic_write(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {(k if isinstance(k, str) else str(_jsonable(k))): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
-
-
 # --------------------------------------------------------------------------- summaries
 
 
@@ -255,30 +216,6 @@ def summarize(columns: Mapping[str, np.ndarray], eps: Sequence[float], radius_gr
 
 def _mean(flags: np.ndarray) -> float | None:
     return float(flags.mean()) if len(flags) else None
-
-
-def summary_table(summary: Mapping[str, Any], title: str):
-    """A rich table of the headline numbers (an estimate-mode bound is flagged, never hidden)."""
-    from rich.table import Table
-
-    def percent(value: float | None) -> str:
-        return "n/a" if value is None else f"{100 * value:.2f}%"
-
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    mode = summary.get("bound_mode")
-    if mode is not None:
-        table.add_row("bound", "[bold red]ESTIMATE (not a sound bound)[/]" if mode == "estimate" else str(mode))
-    table.add_row("samples", str(summary.get("num_samples", "n/a")))
-    table.add_row("clean accuracy", percent(summary.get("clean_accuracy")))
-    for key, value in summary.get("vra", {}).items():
-        table.add_row(f"VRA @ ε={key}", percent(value))
-    for key, value in summary.get("bottom_rate", {}).items():
-        table.add_row(f"⊥ rate @ ε={key}", percent(value))
-    acr = summary.get("average_certified_radius")
-    table.add_row("average certified radius", "n/a" if acr is None else f"{acr:.4f}")
-    return table
 
 
 def plot_curves(

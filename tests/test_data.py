@@ -203,7 +203,7 @@ def test_start_and_limit_select_a_window_with_global_indices(tmp_path):
 def test_mean_and_std_are_carried_per_channel_not_applied(tmp_path):
     np.save(tmp_path / "rgb.npy", np.full((2, 3, 4, 4), 0.5, np.float32))
     dataset = open_dataset(tmp_path / "rgb.npy", mean=[0.1, 0.2, 0.3], std=0.5)
-    assert dataset.mean == (0.1, 0.2, 0.3) and dataset.std == (0.5, 0.5, 0.5)
+    assert dataset.normalization.mean == (0.1, 0.2, 0.3) and dataset.normalization.std == (0.5, 0.5, 0.5)
     assert collect(dataset)[1].max() == 0.5
     with pytest.raises(GlorocertError, match="3 channels"):
         open_dataset(tmp_path / "rgb.npy", mean=[0.1, 0.2])

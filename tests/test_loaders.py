@@ -94,7 +94,7 @@ def test_ir_forward_equals_native_forward_for_a_trusted_pickle(tmp_path, kind):
 
 
 def test_ir_forward_equals_native_forward_for_a_glorocert_checkpoint(tmp_path):
-    from glorocert.train.architectures import build, save_checkpoint
+    from glorocert.zoo import build, save_checkpoint
 
     spec = {"arch": "2c2f", "activation": "minmax", "minmax_pairing": "adjacent", "input_shape": list(SHAPE), "num_classes": 10}
     torch.manual_seed(0)

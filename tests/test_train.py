@@ -17,14 +17,15 @@ from torch import nn
 from conftest import digits_split
 from glorocert.errors import GlorocertError
 from glorocert.train import losses
-from glorocert.train.architectures import (
+from glorocert.zoo import (
     ARCHITECTURES,
     MinMax,
     build,
     load_checkpoint,
     save_checkpoint,
 )
-from glorocert.train.export import export_gloro_onnx, export_onnx
+from glorocert.certify.gloro_onnx import export_gloro_onnx
+from glorocert.train.export import export_onnx
 from glorocert.train.loop import TrainConfig, evaluate, train
 from glorocert.train.power import PowerIteration
 from glorocert.train.schedules import LAMBDA_SCHEDULES, LR_SCHEDULES, RAMP_SCHEDULES, parse_schedule

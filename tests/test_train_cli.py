@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from glorocert.cli import app
 from glorocert.errors import GlorocertError
-from glorocert.train.architectures import load_checkpoint
+from glorocert.zoo import load_checkpoint
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from glorocert.cli import app
 from glorocert.errors import GlorocertError
 from glorocert.lipschitz.compose import compose
 from glorocert.train import local_losses
-from glorocert.train.architectures import build
+from glorocert.zoo import build
 from glorocert.train.loop import METHOD_SCHEDULES, TrainConfig, train
 from glorocert.train.outputs import command_line
 from glorocert.train.power import PowerIteration

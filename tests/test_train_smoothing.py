@@ -18,7 +18,7 @@ from glorocert.cli import app
 from glorocert.data import open_dataset
 from glorocert.errors import GlorocertError
 from glorocert.train import losses
-from glorocert.train.architectures import build
+from glorocert.zoo import build
 from glorocert.train.loop import TrainConfig, evaluate_noisy, train
 
 

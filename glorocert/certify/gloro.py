@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# The native forward runs in float32. Its rounding error, relative to the
-# logits' scale, is budgeted here (and raised to the measured IR/native gap
-# when that is larger) and subtracted from every margin.
-ROUNDING_RTOL = 1e-5
+from glorocert.loaders import ROUNDING_RTOL
 
 
 def radii(logits: np.ndarray, margin_matrix: np.ndarray, rounding_rtol: float = ROUNDING_RTOL):

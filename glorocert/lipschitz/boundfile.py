@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from glorocert import __version__
+from glorocert._version import __version__
 from glorocert.errors import GlorocertError
+from glorocert.files import write_json
+from glorocert.normalization import Normalization
 
 FORMAT = "glorocert-bound"
 FORMAT_VERSION = 1
@@ -75,8 +77,6 @@ class Bound:
         return body
 
     def save(self, path: str | Path) -> Path:
-        from glorocert.results import write_json
-
         write_json(path, self.to_json())
         return Path(path)
 
@@ -113,11 +113,11 @@ class Bound:
         if not (math.isfinite(self.lipschitz) and self.lipschitz >= 0):
             raise GlorocertError(f"{path}: the Lipschitz constant {self.lipschitz} is not a finite non-negative number")
 
-    def same_normalization(self, normalization: dict | None) -> bool:
+    def same_normalization(self, normalization: Normalization | None) -> bool:
         """Whether the bound was computed under this input normalisation (None: none)."""
-        return _norm_key(normalization) == _norm_key(self.normalization)
+        return Normalization.same(normalization, Normalization.from_json(self.normalization))
 
-    def check_matches(self, sha256: str, input_shape, normalization: dict | None, path: Path | str = "bound") -> None:
+    def check_matches(self, sha256: str, input_shape, normalization: Normalization | None, path: Path | str = "bound") -> None:
         """Refuse a bound computed for another model file, shape or normalisation."""
         if sha256 != self.model_sha256:
             raise GlorocertError(
@@ -128,15 +128,10 @@ class Bound:
             raise GlorocertError(f"{path}: bound computed for input shape {self.input_shape}, the model takes {list(input_shape)}")
         if not self.same_normalization(normalization):
             raise GlorocertError(
-                f"{path}: bound computed with input normalisation {self.normalization}, but this run uses {normalization}; "
+                f"{path}: bound computed with input normalisation {self.normalization}, but this run uses "
+                f"{None if normalization is None else normalization.to_json()}; "
                 "recompute the bound with the same --mean/--std"
             )
-
-
-def _norm_key(norm: dict | None):
-    if not norm:
-        return None
-    return tuple(round(float(v), 12) for v in norm["mean"]), tuple(round(float(v), 12) for v in norm["std"])
 
 
 def _checksum(body: dict) -> str:

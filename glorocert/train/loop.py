@@ -40,7 +40,7 @@ import torch
 
 from glorocert.errors import GlorocertError
 from glorocert.train import local_losses, losses
-from glorocert.train.architectures import build, validate_spec
+from glorocert.zoo import build, validate_spec
 from glorocert.train.power import PowerIteration
 from glorocert.train.schedules import parse_schedule
 

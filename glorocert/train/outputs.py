@@ -23,7 +23,7 @@ import torch
 
 import glorocert
 from glorocert.errors import GlorocertError
-from glorocert.train.architectures import save_checkpoint
+from glorocert.zoo import save_checkpoint
 from glorocert.train.export import export_onnx, export_torchscript
 
 
@@ -140,7 +140,7 @@ def finalize(out_dir: str | Path, progress: Any = None):
     its header) and ``model.onnx``; the held-out data is reloaded from the
     recorded data spec. For runs finished before :mod:`glorocert.api` existed.
     """
-    from glorocert.train.architectures import load_checkpoint, read_checkpoint_metadata
+    from glorocert.zoo import load_checkpoint, read_checkpoint_metadata
     from glorocert.train.datasets import load_training_data
     from glorocert.train.loop import TrainConfig, TrainResult
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glorocert.errors import GlorocertError
-from glorocert.train.architectures import MinMax
+from glorocert.zoo import MinMax
 
 _ONE_LIPSCHITZ = (nn.ReLU, MinMax, nn.Flatten, nn.Identity)
 

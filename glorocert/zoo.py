@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from glorocert.errors import GlorocertError
+from glorocert.files import atomic_write
 
 ARCHITECTURES = ("2c2f", "4c3f", "6c2f", "8c2f")
 ACTIVATIONS = ("relu", "minmax")
@@ -184,11 +185,9 @@ def save_checkpoint(
     for key, value in (extra or {}).items():
         metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:

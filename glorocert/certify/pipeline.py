@@ -1,0 +1,216 @@
+"""The per-batch certification pipeline: data → native forward → radii → rows and summary.
+
+One loop serves every method (certify/methods.py): the native model runs once
+per batch, the GloRo radii come from the frozen margin matrix, and a local
+method, when asked for, refines them on the same batch. Input normalisation
+is the dataset's (applied to the pixels, folded into the bound), and every
+certificate keeps the model's rounding budget (``model.rounding_rtol``).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from glorocert._version import __version__
+from glorocert.certify import gloro
+from glorocert.certify.methods import LocalStage, check_method, local_slack
+from glorocert.data import Dataset
+from glorocert.errors import GlorocertError
+from glorocert.lipschitz.boundfile import Bound
+from glorocert.lipschitz.freeze import resolve_bound
+from glorocert.loaders import Model
+from glorocert.results import certified_accuracy_curve, eps_key, plot_curves, summarize
+
+ROWS_SCHEMA_VERSION = "1"
+
+
+@dataclass
+class CertifyResult:
+    rows: dict[str, np.ndarray]
+    summary: dict
+    eps: list[float]
+    bound: Bound
+    extra: dict = field(default_factory=dict)
+
+    def plot(self, path: str | Path, title: str | None = None) -> None:
+        correct = self.rows["correct"] if "label" in self.rows else np.ones(len(self.rows["radius"]), bool)
+        radius = np.where(correct, self.rows["radius"], 0.0)
+        finite = radius[np.isfinite(radius)]
+        grid = np.linspace(0.0, max(float(finite.max()) if finite.size else 1.0, max(self.eps)) * 1.05, 200)
+        label = "GloRo (global bound)" + (" — ESTIMATE" if self.bound.mode == "estimate" else "")
+        plot_curves(path, {label: certified_accuracy_curve(self.rows["radius"], correct, grid)},
+                    title or f"{self.bound.model_name} on {self.summary.get('dataset', '')}")
+
+
+def check_eps(eps: Sequence[float]) -> list[float]:
+    """Distinct, sorted, finite, non-negative radii."""
+    eps = sorted({float(e) for e in eps})
+    if not eps or any(not np.isfinite(e) or e < 0 for e in eps):
+        raise GlorocertError(f"--eps {eps}: give one or more finite, non-negative radii")
+    return eps
+
+
+def check_request(model: Model, dataset: Dataset, batch_size: int) -> None:
+    if batch_size <= 0:
+        raise GlorocertError("--batch-size must be positive")
+    if tuple(dataset.shape) != tuple(model.input_shape):
+        raise GlorocertError(f"{dataset.name}: samples have shape {tuple(dataset.shape)}, the model takes {tuple(model.input_shape)}")
+
+
+def certify(
+    model: Model,
+    dataset: Dataset,
+    eps: Sequence[float],
+    *,
+    bound: Bound | str | Path | None = None,
+    batch_size: int = 256,
+    method: str = "gloro",
+    fallback: str = "bcp",
+    progress: Callable[[int], None] | None = None,
+) -> CertifyResult:
+    """Certify every sample of ``dataset`` at each ε; see :func:`glorocert.api.certify` for the methods and columns."""
+    check_method(method, fallback)
+    eps = check_eps(eps)
+    check_request(model, dataset, batch_size)
+    bound, source = resolve_bound(model, bound, dataset.normalization)
+    local = None if method == "gloro" else LocalStage(fallback if method == "cascade" else method, model, bound,
+                                                      dataset.normalization, eps)
+    started = time.perf_counter()
+    rows, forward_seconds = _certify_batches(model, dataset, bound.margin_matrix, method, local, batch_size, progress)
+    seconds = time.perf_counter() - started
+    _add_eps_columns(rows, eps, dataset.has_labels)
+    summary = summarize(rows, eps)
+    if local is not None:
+        summary.update(_local_report(local, rows, eps))
+    summary.update(
+        method=method, dataset=dataset.name, model=str(model.path), model_format=model.format,
+        runner=model.runner.description, device=model.runner.device, bound_file=source, bound_mode=bound.mode,
+        bound_model_sha256=bound.model_sha256, lipschitz=bound.lipschitz, margin_method=bound.margin_method,
+        seconds=seconds, forward_seconds=forward_seconds,
+        samples_per_second=len(rows["index"]) / seconds if seconds > 0 else None,
+        rows_schema_version=ROWS_SCHEMA_VERSION, versions=versions(),
+    )
+    return CertifyResult(rows, summary, eps, bound)
+
+
+def _certify_batches(model, dataset, margin_matrix, method, local, batch_size, progress):
+    """Every batch: forward pass, GloRo radii, then the local stage; the row columns and the forward seconds."""
+    columns = ("index", "label", "predicted", "runner_up", "margin", "radius", "seconds")
+    columns += {"gloro": (), "cascade": ("gloro_radius", "local_eps")}.get(method, ("local_eps",))
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in columns}
+    forward_seconds = 0.0
+    for batch in dataset.batches(batch_size):
+        t0 = time.perf_counter()
+        logits = native_logits(model, dataset, batch, batch_size)
+        forward_seconds += time.perf_counter() - t0
+        predicted, runner_up, margin, radius = gloro.radii(logits, margin_matrix, model.rounding_rtol)
+        seconds = np.zeros(len(radius))
+        if method == "cascade":
+            parts["gloro_radius"].append(radius)
+            radius, seconds, local_eps = local.cascade(batch.x, predicted, logits, radius)
+        elif local is not None:
+            radius, seconds, local_eps = local.radius(batch.x, predicted, logits)
+        if local is not None:
+            parts["local_eps"].append(local_eps)
+        label = batch.y if batch.y is not None else np.full(len(batch.index), -1)
+        for name, value in zip(("index", "label", "predicted", "runner_up", "margin", "radius", "seconds"),
+                               (batch.index, label, predicted, runner_up, margin, radius, seconds)):
+            parts[name].append(value)
+        if progress:
+            progress(len(batch.index))
+    if not parts["index"]:
+        raise GlorocertError(f"{dataset.name}: no samples to certify")
+    rows = {k: np.concatenate(v) for k, v in parts.items()}
+    rows["label"] = rows["label"].astype(np.int64)
+    return rows, forward_seconds
+
+
+def native_logits(model: Model, dataset: Dataset, batch, batch_size: int) -> np.ndarray:
+    """The native model's logits on a batch (labels checked against the classes, normalisation applied, outputs finite)."""
+    if batch.y is not None and (batch.y >= model.num_classes).any():
+        bad = int(np.argmax(batch.y >= model.num_classes))
+        raise GlorocertError(
+            f"{dataset.name}: row {int(batch.index[bad])} has label {int(batch.y[bad])}, but the model has {model.num_classes} classes"
+        )
+    x = batch.x if dataset.normalization is None else dataset.normalization.apply(batch.x)
+    logits = _forward(model, x, batch_size)
+    if not np.isfinite(logits).all():
+        row = int(batch.index[np.argmax(~np.isfinite(logits).all(axis=1))])
+        raise GlorocertError(f"{dataset.name}: the model outputs NaN/inf on row {row}")
+    return logits
+
+
+def _forward(model: Model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The native forward pass; running out of memory becomes advice instead of a traceback."""
+    try:
+        return model.runner(x)
+    except MemoryError:
+        pass
+    except Exception as e:  # torch.OutOfMemoryError, onnxruntime's allocation failures
+        if "memory" not in str(e).lower() and "alloc" not in str(e).lower():
+            raise
+    raise GlorocertError(f"out of memory at --batch-size {batch_size}; try --batch-size {max(1, batch_size // 4)}")
+
+
+def _add_eps_columns(rows: dict, eps: list[float], has_labels: bool) -> None:
+    """``correct``, then ``bottom@ε`` and ``certified@ε`` per requested ε."""
+    rows["correct"] = (rows["predicted"] == rows["label"]) if has_labels else np.ones(len(rows["index"]), bool)
+    for e in eps:
+        bottom = gloro.bottom_flags(rows["radius"], e)
+        if "local_eps" in rows:  # a local certificate at ε covers the closed ball: radius == ε certifies ε
+            bottom &= ~(rows["local_eps"] >= e)  # NaN (no local certificate) compares False
+        rows[f"bottom@{eps_key(e)}"] = bottom
+        rows[f"certified@{eps_key(e)}"] = rows["correct"] & ~bottom
+
+
+def _local_report(local: LocalStage, rows: dict, eps: list[float]) -> dict:
+    report = {"local_method": local.name, "local_samples": local.samples, "local_seconds": local.seconds}
+    if "gloro_radius" in rows:  # cascade
+        rescued = {eps_key(e): int((rows[f"certified@{eps_key(e)}"] & gloro.bottom_flags(rows["gloro_radius"], e)).sum())
+                   for e in eps}
+        report.update(local_passes=local.passes, rescued=rescued)
+    else:
+        report.update(local_passes=None)  # bisection: a variable number of passes per sample
+    return report
+
+
+def certify_locally_at(model: Model, dataset: Dataset, eps: Sequence[float], method: str, bound: Bound,
+                       batch_size: int = 256) -> dict:
+    """``method`` (bcp or kw) on every sample at every ε, one pass each: samples, clean accuracy and VRA per ε.
+
+    The prediction comes from the native model; a sample counts at ε when it is correct and certified there.
+    """
+    eps = check_eps(eps)
+    check_request(model, dataset, batch_size)
+    stage = LocalStage(method, model, bound, dataset.normalization, eps)
+    samples, correct_total, labelled = 0, 0, 0
+    certified = {eps_key(e): 0 for e in eps}
+    for batch in dataset.batches(batch_size):
+        logits = native_logits(model, dataset, batch, batch_size)
+        predicted = logits.argmax(axis=1)
+        correct = (predicted == batch.y) if batch.y is not None else np.ones(len(predicted), bool)
+        if batch.y is not None:
+            correct_total, labelled = correct_total + int(correct.sum()), labelled + len(predicted)
+        slack = local_slack(logits, stage.rtol)
+        for e in eps:
+            certified[eps_key(e)] += int((stage.certified_at(batch.x, predicted, slack, e) & correct).sum())
+        samples += len(predicted)
+    return {"samples": samples, "clean_accuracy": correct_total / labelled if labelled else None,
+            "vra": {k: v / samples for k, v in certified.items()}}
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {
+        "glorocert": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+    }
