@@ -21,12 +21,11 @@ from typing import Callable
 
 import numpy as np
 
-from glorocert.api import ROWS_SCHEMA_VERSION, certify, normalization_of
+from glorocert.api import ROWS_SCHEMA_VERSION, Dataset, Model, certify
 from glorocert.certify import smoothing
-from glorocert.data import Dataset
 from glorocert.errors import GlorocertError
-from glorocert.loaders import Model
-from glorocert.results import certified_accuracy_curve, plot_curves, write_json, write_rows
+from glorocert.files import jsonable, write_json
+from glorocert.results import certified_accuracy_curve, plot_curves, write_rows
 
 DEFAULT_GRID = tuple(np.round(np.arange(0.0, 2.01, 0.25), 2))
 SMOOTHING_ROWS = "smoothing-rows.jsonl"
@@ -39,7 +38,7 @@ class EveryKth:
         if skip < 1:
             raise GlorocertError("--skip must be ≥ 1")
         self.dataset, self.skip = dataset, skip
-        for attr in ("shape", "num_classes", "has_labels", "mean", "std"):
+        for attr in ("shape", "num_classes", "has_labels", "normalization"):
             setattr(self, attr, getattr(dataset, attr))
         self.name = dataset.name + (f" (every {skip}th)" if skip > 1 else "")
         self.num_samples = len(range(0, dataset.num_samples, skip))
@@ -103,24 +102,45 @@ def compare_rs(
     grid=DEFAULT_GRID,
     progress: Callable[[str, int], None] | None = None,
 ) -> Comparison:
+    """GloRo and Cohen et al.'s CERTIFY on the same samples (every ``skip``-th); see the module docstring for resume."""
     if sigma <= 0:
         raise GlorocertError("--sigma must be positive")
     smoothing.check_parameters(n0, n, alpha)
     subset = EveryKth(dataset, skip)
     gloro = certify(gloro_model, subset, [0.0], batch_size=256, progress=(lambda k: progress("gloro", k)) if progress else None)
-
-    forward = base_model.runner.torch
-    norm = normalization_of(dataset.mean, dataset.std)
-    if norm:  # smoothing adds noise in [0,1] space; normalisation is the base model's first layer
-        import torch
-
-        view = (-1,) + (1,) * (len(dataset.shape) - 1)
-        mean = torch.tensor(norm["mean"], dtype=torch.float32).view(view)
-        std = torch.tensor(norm["std"], dtype=torch.float32).view(view)
-        forward = lambda x, f=base_model.runner.torch: f((x - mean) / std)  # noqa: E731
-    smooth = smoothing.Smooth(forward, base_model.num_classes, sigma, batch_size=batch, device=base_model.runner.device)
-
+    smooth = smoothing.Smooth(_base_forward(base_model, dataset), base_model.num_classes, sigma, batch_size=batch,
+                              device=base_model.runner.device)
     rows_path = Path(out_dir) / SMOOTHING_ROWS if out_dir else None
+    started = time.perf_counter()
+    rows = _smoothing_rows(smooth, subset, rows_path, resume, dict(n0=n0, n=n, alpha=alpha, seed=seed), progress)
+    smoothing_seconds = time.perf_counter() - started
+    g = gloro.rows
+    table = [
+        _method_row("GloRo", "deterministic" + (" (ESTIMATE bound)" if gloro.bound.mode == "estimate" else ""),
+                    g["radius"], g["correct"], gloro.summary["seconds"], grid),
+        _method_row(f"smoothing σ={sigma:g}", f"probabilistic, α={alpha:g} per sample", rows["radius"],
+                    rows["correct"].astype(bool), float(rows["seconds"].sum()), grid),
+    ]
+    summary = {
+        "dataset": subset.name, "num_samples": subset.num_samples, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
+        "seed": seed, "gloro_model": str(gloro_model.path), "base_model": str(base_model.path),
+        "bound_mode": gloro.bound.mode, "methods": table, "wall_seconds_smoothing_this_run": smoothing_seconds,
+        "speed_ratio_smoothing_over_gloro": (table[1]["seconds_per_sample"] or 0) / (table[0]["seconds_per_sample"] or 1),
+        "rows_schema_version": ROWS_SCHEMA_VERSION,
+    }
+    if out_dir:
+        _write_outputs(Path(out_dir), g, rows, summary)
+    return Comparison(g, rows, table, tuple(grid), summary)
+
+
+def _base_forward(base_model: Model, dataset: Dataset):
+    """The base model's torch forward on [0, 1] pixels: smoothing adds noise there, so normalisation is its first layer."""
+    forward, norm = base_model.runner.torch, dataset.normalization
+    return forward if norm is None else (lambda x: forward(norm.apply(x)))
+
+
+def _smoothing_rows(smooth, subset: EveryKth, rows_path: Path | None, resume: bool, parameters: dict, progress) -> dict:
+    """CERTIFY on every sample not already in ``rows_path``; each row is appended (and fsynced) as it finishes."""
     finished = read_finished(rows_path) if (rows_path and resume) else []
     if rows_path and not resume and rows_path.exists():
         raise GlorocertError(f"{rows_path} exists; pass --resume to continue that run, or choose another --out")
@@ -132,7 +152,7 @@ def compare_rs(
 
     def on_row(row: dict) -> None:
         if sink:
-            sink.write(json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}) + "\n")
+            sink.write(json.dumps(jsonable(row)) + "\n")
             sink.flush()
             os.fsync(sink.fileno())
         if progress:
@@ -140,44 +160,24 @@ def compare_rs(
 
     if progress and finished:
         progress("smoothing", len(finished))
-    started = time.perf_counter()
     try:
-        new = smoothing.certify_batches(
-            smooth, ((b.index, b.x, b.y) for b in subset.batches(256)), n0=n0, n=n, alpha=alpha, seed=seed,
-            on_row=on_row, skip_indices={int(r["index"]) for r in finished},
-        )
+        new = smoothing.certify_batches(smooth, ((b.index, b.x, b.y) for b in subset.batches(256)), on_row=on_row,
+                                        skip_indices={int(r["index"]) for r in finished}, **parameters)
     finally:
         if sink:
             sink.close()
-    smoothing_seconds = time.perf_counter() - started
     rows = {k: np.concatenate([np.asarray([r[k] for r in finished]), np.asarray(new[k])]) if finished else np.asarray(new[k])
             for k in smoothing.ROW_COLUMNS}
     order = np.argsort(rows["index"], kind="stable")
-    rows = {k: v[order] for k, v in rows.items()}
-    smoothing_time = float(rows["seconds"].sum())
+    return {k: v[order] for k, v in rows.items()}
 
-    g = gloro.rows
-    table = [
-        _method_row("GloRo", "deterministic" + (" (ESTIMATE bound)" if gloro.bound.mode == "estimate" else ""),
-                    g["radius"], g["correct"], gloro.summary["seconds"], grid),
-        _method_row(f"smoothing σ={sigma:g}", f"probabilistic, α={alpha:g} per sample", rows["radius"],
-                    rows["correct"].astype(bool), smoothing_time, grid),
-    ]
-    summary = {
-        "dataset": subset.name, "num_samples": subset.num_samples, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
-        "seed": seed, "gloro_model": str(gloro_model.path), "base_model": str(base_model.path),
-        "bound_mode": gloro.bound.mode, "methods": table, "wall_seconds_smoothing_this_run": smoothing_seconds,
-        "speed_ratio_smoothing_over_gloro": (table[1]["seconds_per_sample"] or 0) / (table[0]["seconds_per_sample"] or 1),
-        "rows_schema_version": ROWS_SCHEMA_VERSION,
-    }
-    if out_dir:
-        out_dir = Path(out_dir)
-        gloro_out = {k: v for k, v in g.items() if "@" not in k}
-        gloro_out["bottom"] = g["radius"] <= 0
-        write_rows(out_dir / "gloro-rows.csv", gloro_out, ROWS_SCHEMA_VERSION)
-        write_rows(out_dir / "smoothing-rows.csv", rows, ROWS_SCHEMA_VERSION)
-        write_json(out_dir / "summary.json", summary)
-    return Comparison(g, rows, table, tuple(grid), summary)
+
+def _write_outputs(out_dir: Path, gloro_rows: dict, smoothing_rows: dict, summary: dict) -> None:
+    gloro_out = {k: v for k, v in gloro_rows.items() if "@" not in k}
+    gloro_out["bottom"] = gloro_rows["radius"] <= 0
+    write_rows(out_dir / "gloro-rows.csv", gloro_out, ROWS_SCHEMA_VERSION)
+    write_rows(out_dir / "smoothing-rows.csv", smoothing_rows, ROWS_SCHEMA_VERSION)
+    write_json(out_dir / "summary.json", summary)
 
 
 def plot_comparison(result: Comparison, path: Path) -> None:
