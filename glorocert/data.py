@@ -304,31 +304,7 @@ def open_dataset(
         raise GlorocertError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     if scale not in SCALES:
         raise GlorocertError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
-    text = os.fspath(spec)
-    if text in BUILTINS:
-        if labels is not None:
-            raise GlorocertError(f"{text} is a built-in dataset with its own labels; drop the labels file")
-        if scale != "auto":
-            raise GlorocertError(f"{text} is a built-in dataset already scaled to [0, 1]; drop --scale")
-        if split not in SPLITS:
-            raise GlorocertError(f"unknown split {split!r} for {text}; use one of {', '.join(SPLITS)}")
-        array, ys, divisor = _builtin(text, split)
-        source: _Source = _ArraySource(array, f"{text}[{split}]", ys)
-        name, num_classes = f"{text}[{split}]", 10
-    else:
-        path = Path(text)
-        if not path.exists():
-            if path.suffix == "" and os.sep not in text:
-                raise GlorocertError(f"unknown dataset {text!r}: not a file, and the built-in datasets are {', '.join(BUILTINS)}")
-            raise GlorocertError(f"data file {text} does not exist")
-        source = _open_file(path, labels, x_key, y_key)
-        if source.dtype.kind not in "uif":
-            raise GlorocertError(f"{source.where}: inputs have dtype {source.dtype}; expected numeric pixel values")
-        divisor = _divisor(source, scale)
-        name, num_classes = text, None
-        if source.labels is not None:
-            source.labels = _check_labels(source.labels, source, source.length)
-            num_classes = int(source.labels.max()) + 1 if len(source.labels) else None
+    source, name, num_classes, divisor = _open_source(os.fspath(spec), split, labels, scale, x_key, y_key)
     shape, convert = _layout(source, layout, input_shape, divisor)
     if start < 0:
         raise GlorocertError(f"start must be >= 0 (got {start})")
@@ -354,6 +330,33 @@ def open_dataset(
         _start=start,
         _scale_hint=f"divided by {divisor:g}" if divisor != 1 else "not rescaled",
     )
+
+
+def _open_source(text: str, split: str, labels, scale: str, x_key: str, y_key: str):
+    """A built-in split or a data file: (source, name, number of classes or None, pixel divisor)."""
+    if text in BUILTINS:
+        if labels is not None:
+            raise GlorocertError(f"{text} is a built-in dataset with its own labels; drop the labels file")
+        if scale != "auto":
+            raise GlorocertError(f"{text} is a built-in dataset already scaled to [0, 1]; drop --scale")
+        if split not in SPLITS:
+            raise GlorocertError(f"unknown split {split!r} for {text}; use one of {', '.join(SPLITS)}")
+        array, ys, divisor = _builtin(text, split)
+        return _ArraySource(array, f"{text}[{split}]", ys), f"{text}[{split}]", 10, divisor
+    path = Path(text)
+    if not path.exists():
+        if path.suffix == "" and os.sep not in text:
+            raise GlorocertError(f"unknown dataset {text!r}: not a file, and the built-in datasets are {', '.join(BUILTINS)}")
+        raise GlorocertError(f"data file {text} does not exist")
+    source = _open_file(path, labels, x_key, y_key)
+    if source.dtype.kind not in "uif":
+        raise GlorocertError(f"{source.where}: inputs have dtype {source.dtype}; expected numeric pixel values")
+    divisor = _divisor(source, scale)
+    num_classes = None
+    if source.labels is not None:
+        source.labels = _check_labels(source.labels, source, source.length)
+        num_classes = int(source.labels.max()) + 1 if len(source.labels) else None
+    return source, text, num_classes, divisor
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -333,12 +333,6 @@ class Graph:
                 out[i].append(node.name)
         return out
 
-    def node(self, name: str) -> Node:
-        for n in self.nodes:
-            if n.name == name:
-                return n
-        raise KeyError(name)
-
     def with_input_affine(self, scale: Iterable[float], shift: Iterable[float]) -> "Graph":
         """Prepend a per-channel affine map (normalisation applied outside the model)."""
         c = self.input_shape[0]
@@ -349,10 +343,6 @@ class Graph:
         raw = "raw_input"
         first = Node(self.input_name, Affine(scale_t, shift_t), (raw,))
         return Graph(raw, self.input_shape, [first, *self.nodes], self.output)
-
-    def summary(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        return [(n.name, n.op.describe(), self.shapes[n.name]) for n in self.nodes]
-
 
 __all__ = [
     "Op", "Linear", "Conv2d", "Affine", "Activation", "MinMax", "Add", "Concat", "Reshape",

@@ -25,11 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
 from glorocert.errors import GlorocertError
 from glorocert.files import atomic_write
 from glorocert.loaders import ROUNDING_RTOL
 
 GLORO_OUTPUT = "gloro_logits"
+PREFIX = "gloro_bottom/"
 MIN_OPSET = 13
 _RELATIVE_SLACK = 2.0 ** -20   # ≥ 8 ulps of float32: covers rounding of one addition
 _ABSOLUTE_SLACK = 1e-30        # makes y_⊥' > y_j also when y_j == 0
@@ -54,9 +58,8 @@ def export_gloro_onnx(
     """Write an ONNX model whose single output is the C logits plus the ⊥ logit (N×(C+1)).
 
     ``rounding_rtol`` is the margin slack relative to ``1 + max|y|``; by
-    default :data:`glorocert.certify.gloro.ROUNDING_RTOL`, as ``certify``
-    uses (pass ``max(ROUNDING_RTOL, 4·model.equivalence_gap)`` to match a
-    loaded model exactly).
+    default :data:`glorocert.loaders.ROUNDING_RTOL` (pass ``model.rounding_rtol``
+    to match ``certify`` on a loaded model exactly).
 
     ``margin_matrix[j][i]`` must bound the Lipschitz constant of ``y_j − y_i``
     (the frozen bound's margin matrix); ``eps`` is the l2 radius. The
@@ -64,16 +67,40 @@ def export_gloro_onnx(
     ``K`` is a sound bound, argmax of the output ≠ C implies the original
     model's prediction is constant on the l2 ball of radius ``eps``.
     """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    if rounding_rtol is None:
+        rounding_rtol = ROUNDING_RTOL
+    model, logits_info, opset = _checked_inputs(model_onnx_path, margin_matrix, eps, rounding_rtol)
+    K = np.asarray(margin_matrix, dtype=np.float64)
+    num_classes = K.shape[0]
+    graph = model.graph
+    graph.node.extend(_bottom_nodes(logits_info.name, opset))
+    graph.initializer.extend(_constants(K, eps, rounding_rtol))
+    dims = logits_info.type.tensor_type.shape.dim
+    batch = dims[0].dim_param or (str(dims[0].dim_value) if dims[0].HasField("dim_value") else "batch")
+    del graph.output[:]
+    graph.output.append(
+        helper.make_tensor_value_info(GLORO_OUTPUT, TensorProto.FLOAT, [batch, num_classes + 1])
+    )
+    doc = (f"GloRo net: logits + bottom logit at eps={eps!r} (l2); argmax == {num_classes} "
+           "means not certified.")
+    model.doc_string = (model.doc_string + "\n" if model.doc_string else "") + doc
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise GlorocertError(f"the GloRo ONNX graph fails the ONNX checker: {exc}") from None
+    with atomic_write(out_path) as tmp:
+        onnx.save(model, str(tmp))
+    return Path(out_path)
 
+
+def _checked_inputs(model_onnx_path, margin_matrix, eps: float, rounding_rtol: float):
+    """The loaded model, its logits output and its opset, after refusing anything the ⊥ rule cannot be appended to."""
     try:
         model = onnx.load(str(model_onnx_path))
     except Exception as exc:
         raise GlorocertError(f"cannot read ONNX model {model_onnx_path}: {exc}") from None
-    graph = model.graph
-    if len(graph.output) != 1:
-        raise GlorocertError(f"{model_onnx_path}: expected one output (the logits), found {len(graph.output)}")
+    if len(model.graph.output) != 1:
+        raise GlorocertError(f"{model_onnx_path}: expected one output (the logits), found {len(model.graph.output)}")
     K = np.asarray(margin_matrix, dtype=np.float64)
     if K.ndim != 2 or K.shape[0] != K.shape[1] or K.shape[0] < 2:
         raise GlorocertError(f"margin matrix must be C×C with C >= 2, got shape {K.shape}")
@@ -81,12 +108,10 @@ def export_gloro_onnx(
         raise GlorocertError("margin matrix must be finite and non-negative")
     if not (eps >= 0 and np.isfinite(eps)):
         raise GlorocertError(f"eps must be a finite number >= 0, got {eps}")
-    if rounding_rtol is None:
-        rounding_rtol = ROUNDING_RTOL
     if not (rounding_rtol >= 0 and np.isfinite(rounding_rtol)):
         raise GlorocertError(f"rounding_rtol must be a finite number >= 0, got {rounding_rtol}")
     num_classes = K.shape[0]
-    logits_info = graph.output[0]
+    logits_info = model.graph.output[0]
     dims = logits_info.type.tensor_type.shape.dim
     if logits_info.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise GlorocertError(f"{model_onnx_path}: output {logits_info.name!r} must be float32")
@@ -98,13 +123,15 @@ def export_gloro_onnx(
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
     if opset < MIN_OPSET:
         raise GlorocertError(f"{model_onnx_path}: opset {opset} is too old (need >= {MIN_OPSET})")
+    return model, logits_info, opset
 
-    logits = logits_info.name
-    prefix = "gloro_bottom/"
+
+def _constants(K: np.ndarray, eps: float, rounding_rtol: float) -> list:
+    """The rule's constants as initializers (ε·K rounded up to float32, the slacks)."""
     eps_k = _round_up_float32(eps * K)
     constants = {
         "eps_margin": eps_k,                                              # (C, C)
-        "class_index": np.arange(num_classes, dtype=np.int64)[None, :],   # (1, C)
+        "class_index": np.arange(K.shape[0], dtype=np.int64)[None, :],   # (1, C)
         "minus_inf": np.array(-np.inf, dtype=np.float32),
         "slack_rel": np.array(_RELATIVE_SLACK, dtype=np.float32),
         "slack_abs": np.array(_ABSOLUTE_SLACK, dtype=np.float32),
@@ -112,15 +139,19 @@ def export_gloro_onnx(
         "one": np.array(1.0, dtype=np.float32),
         "axis1": np.array([1], dtype=np.int64),
     }
-    initializers = [numpy_helper.from_array(v, prefix + k) for k, v in constants.items()]
-    c = lambda name: prefix + name  # noqa: E731 - local naming helper
+    return [numpy_helper.from_array(v, PREFIX + k) for k, v in constants.items()]
+
+
+def _bottom_nodes(logits: str, opset: int) -> list:
+    """The nodes computing the ⊥ logit from ``logits`` and appending it (see the module docstring)."""
+    c = lambda name: PREFIX + name  # noqa: E731 - local naming helper
 
     def reduce_max(source: str, target: str):
         if opset >= 18:  # axes became an input in opset 18
             return helper.make_node("ReduceMax", [source, c("axis1")], [target], keepdims=1)
         return helper.make_node("ReduceMax", [source], [target], axes=[1], keepdims=1)
 
-    nodes = [
+    return [
         # j = first argmax, as (N,) and (N, 1)
         helper.make_node("ArgMax", [logits], [c("j")], axis=1, keepdims=0, select_last_index=0),
         helper.make_node("Unsqueeze", [c("j"), c("axis1")], [c("j_col")]),
@@ -152,20 +183,3 @@ def export_gloro_onnx(
         helper.make_node("Where", [c("is_bottom"), c("bottom_lifted"), c("bottom")], [c("bottom_final")]),
         helper.make_node("Concat", [logits, c("bottom_final")], [GLORO_OUTPUT], axis=1),
     ]
-    graph.node.extend(nodes)
-    graph.initializer.extend(initializers)
-    batch = dims[0].dim_param or (str(dims[0].dim_value) if dims[0].HasField("dim_value") else "batch")
-    del graph.output[:]
-    graph.output.append(
-        helper.make_tensor_value_info(GLORO_OUTPUT, TensorProto.FLOAT, [batch, num_classes + 1])
-    )
-    doc = (f"GloRo net: logits + bottom logit at eps={eps!r} (l2); argmax == {num_classes} "
-           "means not certified.")
-    model.doc_string = (model.doc_string + "\n" if model.doc_string else "") + doc
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as exc:
-        raise GlorocertError(f"the GloRo ONNX graph fails the ONNX checker: {exc}") from None
-    with atomic_write(out_path) as tmp:
-        onnx.save(model, str(tmp))
-    return Path(out_path)

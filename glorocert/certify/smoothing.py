@@ -392,46 +392,52 @@ def certify_batches(
     check_parameters(n0, n, alpha)
     rows: dict[str, list] = {column: [] for column in ROW_COLUMNS}
     for indices, inputs, labels in batches:
-        indices = np.asarray(indices).reshape(-1)
-        inputs = np.asarray(inputs)
-        if inputs.shape[0] != indices.shape[0] or (labels is not None and len(labels) != len(indices)):
-            raise GlorocertError(
-                f"batch has {len(indices)} indices, {inputs.shape[0]} inputs and "
-                f"{'no' if labels is None else len(labels)} labels; they must match"
-            )
-        if labels is not None:
-            labels = np.asarray(labels).reshape(-1)
-            bad = (labels < -1) | (labels >= smooth.num_classes)
-            if bad.any():
-                raise GlorocertError(
-                    f"label {labels[bad][0].item()} at index {indices[bad][0].item()} is outside [0, {smooth.num_classes})"
-                )
+        indices, inputs, labels = _checked_batch(smooth, indices, inputs, labels)
         for position, index in enumerate(indices.tolist()):
             if index in skip_indices:
                 continue
-            label = -1 if labels is None else int(labels[position])
-            start = time.perf_counter()
-            try:
-                predicted, radius = smooth.certify(
-                    torch.from_numpy(np.ascontiguousarray(inputs[position], dtype=np.float32)),
-                    n0, n, alpha, sample_generator(seed, index, smooth.device),
-                )
-            except GlorocertError as error:
-                raise GlorocertError(f"sample {index}: {error}") from error
-            row = {
-                "index": int(index),
-                "label": label,
-                "predicted": predicted,
-                "radius": radius,
-                "correct": predicted != ABSTAIN and predicted == label,
-                "abstain": predicted == ABSTAIN,
-                "seconds": time.perf_counter() - start,
-            }
+            row = _certify_one(smooth, inputs[position], int(index), -1 if labels is None else int(labels[position]),
+                               n0, n, alpha, seed)
             for column in ROW_COLUMNS:
                 rows[column].append(row[column])
             if on_row is not None:
                 on_row(row)
     return {column: np.asarray(rows[column], dtype=dtype) for column, dtype in zip(ROW_COLUMNS, _ROW_DTYPES)}
+
+
+def _checked_batch(smooth: Smooth, indices, inputs, labels):
+    """(indices, inputs, labels) as arrays of matching lengths, labels in [-1, C)."""
+    indices = np.asarray(indices).reshape(-1)
+    inputs = np.asarray(inputs)
+    if inputs.shape[0] != indices.shape[0] or (labels is not None and len(labels) != len(indices)):
+        raise GlorocertError(
+            f"batch has {len(indices)} indices, {inputs.shape[0]} inputs and "
+            f"{'no' if labels is None else len(labels)} labels; they must match"
+        )
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        bad = (labels < -1) | (labels >= smooth.num_classes)
+        if bad.any():
+            raise GlorocertError(
+                f"label {labels[bad][0].item()} at index {indices[bad][0].item()} is outside [0, {smooth.num_classes})"
+            )
+    return indices, inputs, labels
+
+
+def _certify_one(smooth: Smooth, x: np.ndarray, index: int, label: int, n0: int, n: int, alpha: float, seed: int) -> dict:
+    """CERTIFY on one sample with its own seeded noise; the row."""
+    start = time.perf_counter()
+    try:
+        predicted, radius = smooth.certify(
+            torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), n0, n, alpha, sample_generator(seed, index, smooth.device),
+        )
+    except GlorocertError as error:
+        raise GlorocertError(f"sample {index}: {error}") from error
+    return {
+        "index": index, "label": label, "predicted": predicted, "radius": radius,
+        "correct": predicted != ABSTAIN and predicted == label, "abstain": predicted == ABSTAIN,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 # --------------------------------------------------------------------------- argument checks

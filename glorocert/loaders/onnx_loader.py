@@ -1,4 +1,4 @@
-"""ONNX front end: an onnx ModelProto → the IR, plus an onnxruntime runner.
+"""The one converter: an onnx ModelProto → the IR (the native runners live in runners.py).
 
 Supported operators: Conv, Gemm, MatMul, Add/Sub/Mul/Div (by constants, or
 Add/Sub of two tensors), Relu, LeakyRelu, Tanh, Sigmoid, BatchNormalization,
