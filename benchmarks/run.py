@@ -138,13 +138,14 @@ def relu_model() -> Path:
 
 def bench_local(samples: int = 1000, kw_samples: int = 100, eps: float = 0.3) -> None:
     """gloro vs BCP vs KW vs cascade on a GloRo-trained ReLU net at one ε (GloRo paper, Fig. 4b): `glorocert compare-local`."""
-    from glorocert.compare_local import Source, compare_local, report_table
+    from glorocert.render import compare_local_table
+    from glorocert.studies.compare_local import Source, compare_local
 
     for name, model, eps_values in (("a GloRo ReLU 2C2F", relu_model(), [eps]),
                                     ("the shipped BCP-trained 2C2F", ROOT / "models" / "mnist-5k-bcp1.58" / "model.onnx", [1.0, 1.58])):
         report = compare_local(Source(str(model), data="mnist-5k", split="test", limit=samples), eps_values,
                                kw_limit=kw_samples, progress=lambda method, n: console.print(f"  {method}: {n} samples…"))
-        console.print(report_table(report, f"certifiers on {name}, mnist-5k test (each in a fresh process)"))
+        console.print(compare_local_table(report, f"certifiers on {name}, mnist-5k test (each in a fresh process)"))
 
 
 def bench_smoothing(samples: int = 10, n_measured: int = 10_000, sigma: float = 0.25) -> None:
@@ -194,7 +195,7 @@ def peak_rss(mode: str, path: Path) -> int:
 
 def _rss_child(mode: str, path: str) -> None:
     from glorocert.api import certify
-    from glorocert.compare_local import peak_rss_bytes
+    from glorocert.studies.isolation import peak_rss_bytes
     from glorocert.data import open_dataset
 
     loaded = load(path, input_shape=(1, 28, 28))
@@ -233,7 +234,7 @@ def bench_train(rounds: int = 3, epochs: int = 3) -> None:
     Epoch 1 is left out: its power iteration starts from random vectors.
     """
     from glorocert.train.datasets import load_training_data
-    from glorocert.train.loop import TrainConfig, train
+    from glorocert.train import RobustSettings, TrainConfig, train
 
     data = load_training_data("mnist-5k")
     table = Table(title=f"training on mnist-5k (4,000 samples, batch 256): seconds per epoch, median of epochs "
@@ -245,8 +246,8 @@ def bench_train(rounds: int = 3, epochs: int = 3) -> None:
         whole = {"trades": [], "ce": []}
         for _ in range(rounds):
             for loss in ("trades", "ce"):
-                config = TrainConfig(arch="2c2f", activation=activation, loss=loss, eps=0.3, train_eps=0.45, lam=2.0,
-                                     epochs=epochs)
+                config = TrainConfig(arch="2c2f", activation=activation, epochs=epochs,
+                                     robust=RobustSettings(loss=loss, eps=0.3, train_eps=0.45, lam=2.0))
                 clock = _EpochClock()
                 result = train(config, data.x_train, data.y_train, data.x_val, data.y_val, progress=clock)
                 steps[loss] += clock.steps[1:]

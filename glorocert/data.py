@@ -46,6 +46,7 @@ import gzip
 import math
 import os
 import struct
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -491,8 +492,6 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def _load_npz(path: Path):
-    import zipfile
-
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -500,8 +499,6 @@ def _load_npz(path: Path):
 
 
 def _npz_array(archive, key: str, path: Path) -> np.ndarray:
-    import zipfile
-
     try:
         return archive[key]
     except ValueError as e:

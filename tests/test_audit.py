@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from glorocert.api import compute_bound
-from glorocert.audit import audit, lipschitz_lower_bounds
+from glorocert.studies.audit import audit
+from glorocert.studies.lower_bound import lipschitz_lower_bounds
 from glorocert.data import open_dataset
 from glorocert.loaders import load
 

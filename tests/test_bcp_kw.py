@@ -20,6 +20,7 @@ from glorocert.graph import (
 )
 from glorocert.lipschitz.compose import compose
 from glorocert.lipschitz.operators import materialise
+from helpers import load_saved, pgd_margin, pgd_pair_margins
 
 # --------------------------------------------------------------------------- tiny networks
 
@@ -183,7 +184,7 @@ def test_bcp_lower_bound_never_exceeds_the_minimum_found_by_pgd(build):
     pred = predict(graph, x)
     for eps in (0.05, 0.3, 1.0):
         bound = bcp.lower_bounds(graph, x, pred, eps)
-        attacked = local.pgd_pair_margins(graph, x, pred, eps, steps=60, restarts=4)
+        attacked = pgd_pair_margins(graph, x, pred, eps, steps=60, restarts=4)
         assert close_below(bound, attacked)
 
 
@@ -328,7 +329,7 @@ def test_kw_bound_never_exceeds_the_minimum_found_by_pgd(build, norm):
     pred = predict(graph, x)
     for eps in (0.05, 0.3) if norm == "l2" else (0.02, 0.1):
         bound = kw.lower_bounds(graph, x, pred, eps, norm=norm)
-        attacked = local.pgd_pair_margins(graph, x, pred, eps, norm=norm, steps=60, restarts=4)
+        attacked = pgd_pair_margins(graph, x, pred, eps, norm=norm, steps=60, restarts=4)
         assert close_below(bound, attacked)
 
 
@@ -368,14 +369,12 @@ def test_kw_certified_radius_is_nonnegative_and_certification_is_monotone_in_eps
     ("chain", (bcp, kw)), ("normalised", (bcp, kw)), ("linear_only", (bcp, kw)), ("activations", (bcp,)),
 ])
 def test_bounds_hold_on_loaded_onnx_models(saved_model, kind, modules):
-    from conftest import load_saved
-
     _, path = saved_model(kind)
     graph = load_saved(path).graph
     gen = torch.Generator().manual_seed(13)
     x = torch.rand(3, *graph.input_shape, generator=gen, dtype=torch.float64)
     pred = predict(graph, x)
-    attacked = local.pgd_pair_margins(graph, x, pred, 0.1, steps=40, restarts=2)
+    attacked = pgd_pair_margins(graph, x, pred, 0.1, steps=40, restarts=2)
     for module in modules:
         assert close_below(module.lower_bounds(graph, x, pred, 0.1), attacked)
 
@@ -392,7 +391,7 @@ def test_no_certified_sample_is_broken_by_a_pgd_l2_attack_inside_its_radius(modu
     assert certified.sum() >= 4  # the test means something
     assert module.certify(graph, x[certified], pred[certified], radius[certified]).all()
     bound = module.lower_bounds(graph, x[certified], pred[certified], radius[certified])
-    attacked = local.pgd_pair_margins(graph, x[certified], pred[certified], radius[certified], steps=100, restarts=5)
+    attacked = pgd_pair_margins(graph, x[certified], pred[certified], radius[certified], steps=100, restarts=5)
     assert (attacked.amin(dim=1) > 0).all()
     assert close_below(bound, attacked)
 
@@ -403,7 +402,7 @@ def test_no_kw_linf_certificate_is_broken_by_a_pgd_linf_attack():
     eps = 0.15
     certified = kw.certify(graph, x, pred, eps, norm="linf")
     assert certified.any()
-    attacked = local.pgd_margin(graph, x[certified], pred[certified], eps, norm="linf", steps=100, restarts=5)
+    attacked = pgd_margin(graph, x[certified], pred[certified], eps, norm="linf", steps=100, restarts=5)
     assert (attacked > 0).all()
 
 

@@ -19,14 +19,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SHAPE, make_model, save_as
-from glorocert.api import compute_bound
+from glorocert.api import Normalization, compute_bound
 from glorocert.errors import GlorocertError
 from glorocert.graph import Affine, AvgPool, Conv2d, GlobalAvgPool, Graph, Linear, MaxPool, Node, Reshape
 from glorocert.lipschitz import operators
 from glorocert.lipschitz.boundfile import Bound
 from glorocert.lipschitz.compose import compose
 from glorocert.loaders import load
+from helpers import SHAPE, make_model, save_as
 
 # LAPACK's SVD of the reference matrix is itself only accurate to a few ulps; a
 # guaranteed bound computed by another route may tie with it and land 1e-15 below.
@@ -263,7 +263,7 @@ NETWORK_KINDS = [
     "chain", "residual", "batchnorm_pooling", "activations", "normalised", "concat",
     "minmax_halves", "minmax_adjacent", "ends_with_relu", "ends_with_tanh",
 ]
-INPUT_NORMALISATION = {"mean": [0.3], "std": [0.25]}
+INPUT_NORMALISATION = Normalization.of(0.3, 0.25)
 
 
 @pytest.fixture(scope="module")
@@ -287,9 +287,9 @@ def network_function(networks, case: str):
     """(f in float64 on [0,1] inputs, the graph that glorocert bounds) for a case."""
     if case == "input_normalisation_folded":
         module, model = networks("chain")
-        mean, std = INPUT_NORMALISATION["mean"][0], INPUT_NORMALISATION["std"][0]
-        graph = model.graph.with_input_affine([1 / std], [-mean / std])
-        return (lambda x: module((x - mean) / std)), graph
+        ((mean,), (std,)) = INPUT_NORMALISATION.mean, INPUT_NORMALISATION.std
+        graph = INPUT_NORMALISATION.fold_into(model.graph)
+        return (lambda x: module((x - mean) / std)), graph  # written out: the reference does not use the code under test
     module, model = networks(case)
     return module, model.graph
 
@@ -374,8 +374,8 @@ def test_bound_of_a_network_without_nonlinearity_is_its_exact_norm(networks):
     assert exact <= bound.global_upper <= exact * 1.001
     assert bound.global_estimate == pytest.approx(exact, rel=1e-4)
     # input normalisation outside the model scales the map by 1/std, and the folded bound follows it exactly
-    std = INPUT_NORMALISATION["std"][0]
-    folded = compose(model.graph.with_input_affine([1 / std], [-INPUT_NORMALISATION["mean"][0] / std]))
+    (std,) = INPUT_NORMALISATION.std
+    folded = compose(INPUT_NORMALISATION.fold_into(model.graph))
     assert exact / std <= folded.global_upper <= exact / std * 1.001
 
 

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from glorocert.api import certify
-from glorocert.certify import gloro, local
-from glorocert.data import open_dataset
-from glorocert.loaders import load
+import glorocert.loaders
+from glorocert.api import Normalization, certify, compute_bound, load, open_dataset
+from glorocert.certify import bcp, gloro, local
+from glorocert.lipschitz.compose import compose
+from glorocert.lipschitz.freeze import composition_from_bound
 from glorocert.results import eps_key
+from helpers import pgd_margin, run_main
 
 EPS = [0.05, 0.1, 0.2]
 
@@ -76,13 +78,11 @@ def test_no_cascade_certificate_is_broken_by_pgd_inside_its_radius(runs, fallbac
     x = torch.from_numpy(np.stack([_digit(i) for i in rows["index"][chosen]])).double()
     predicted = torch.from_numpy(rows["predicted"][chosen])
     radius = torch.from_numpy(rows["radius"][chosen])
-    margin = local.pgd_margin(model.graph, x, predicted, radius, steps=40, restarts=2)
+    margin = pgd_margin(model.graph, x, predicted, radius, steps=40, restarts=2)
     assert (margin > 0).all(), rows["index"][chosen][(margin <= 0).numpy()]
 
 
 def _digit(index: int) -> np.ndarray:
-    from glorocert.data import open_dataset
-
     cache = _digit.__dict__.setdefault("cache", {})
     if not cache:
         for batch in open_dataset("digits").batches(4096):
@@ -91,24 +91,15 @@ def _digit(index: int) -> np.ndarray:
 
 
 def test_cascade_cli_prints_what_it_rescued(trained_digits_model, monkeypatch, capsys):
-    import sys
-
-    from glorocert import cli
-
     _, onnx_path, _ = trained_digits_model
-    monkeypatch.setattr(sys, "argv", ["glorocert", "certify", str(onnx_path), "--data", "digits", "--limit", "60",
-                                      "--eps", "0.1,0.2", "--method", "cascade", "--fallback", "bcp"])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    assert exit_.value.code in (0, None)
-    printed = " ".join(capsys.readouterr().out.split())
+    code, out, err = run_main(monkeypatch, capsys, "certify", onnx_path, "--data", "digits", "--limit", "60",
+                              "--eps", "0.1,0.2", "--method", "cascade", "--fallback", "bcp")
+    assert code == 0, err
+    printed = " ".join(out.split())
     assert "cascade: bcp ran on" in printed and "sample·ε passes" in printed and "rescued" in printed and "at ε=0.2" in printed
 
 
 def test_bcp_reuses_the_frozen_sound_bound_only_when_it_is_the_same_guaranteed_composition(trained_digits_model):
-    from glorocert.api import composition_from_bound, compute_bound
-    from glorocert.lipschitz.compose import compose
-
     _, onnx_path, _ = trained_digits_model
     model = load(onnx_path)
     sound = compute_bound(model)
@@ -118,7 +109,7 @@ def test_bcp_reuses_the_frozen_sound_bound_only_when_it_is_the_same_guaranteed_c
     assert {b.name: b.upper for b in reused.blocks} == pytest.approx({b.name: b.upper for b in fresh.blocks}, rel=1e-9)
     assert np.allclose(reused.margin_upper, fresh.margin_upper, rtol=1e-9)
     assert composition_from_bound(compute_bound(model, mode="estimate"), model.graph, None) is None
-    assert composition_from_bound(sound, model.graph, {"mean": [0.1], "std": [0.3]}) is None  # another normalisation
+    assert composition_from_bound(sound, model.graph, Normalization.of(0.1, 0.3)) is None  # another normalisation
     other = load(onnx_path)  # a graph whose blocks the bound does not name is never given BCP
     sound.blocks = [b for b in sound.blocks if b["name"] != sound.blocks[0]["name"]]
     assert composition_from_bound(sound, other.graph, None) is None
@@ -127,14 +118,12 @@ def test_bcp_reuses_the_frozen_sound_bound_only_when_it_is_the_same_guaranteed_c
 def test_certify_method_bcp_agrees_with_bcp_at_each_requested_eps(runs):
     """Bisection stops within its tolerance below a radius; a sample that BCP certifies exactly at a
     requested ε must still count as certified there (BCP's bound is monotone in ε, so the two agree)."""
-    from glorocert.certify import bcp
-
     model, base, _ = runs
     res = certify(model, "digits", EPS, method="bcp", batch_size=512)
     x = np.concatenate([b.x for b in open_dataset("digits").batches(512)])
     predicted = torch.from_numpy(res.rows["predicted"])
     logits = model.runner(x)
-    slack = torch.from_numpy(max(gloro.ROUNDING_RTOL, 4 * model.equivalence_gap) * (1 + np.abs(logits).max(1)))
+    slack = torch.from_numpy(model.rounding_rtol * (1 + np.abs(logits).max(1)))
     for e in EPS:
         exact = bcp.certify(model.graph, torch.from_numpy(x), predicted, e, slack=slack).numpy() & res.rows["correct"]
         assert np.array_equal(res.rows[f"certified@{eps_key(e)}"], exact), e
@@ -144,7 +133,8 @@ def test_local_methods_keep_the_same_rounding_budget_as_gloro(trained_digits_mod
     """A margin within rtol·(1 + max|y|) of zero is not certified by any method (here rtol is made huge)."""
     _, onnx_path, _ = trained_digits_model
     model = load(onnx_path)
-    monkeypatch.setattr(gloro, "ROUNDING_RTOL", 10.0)
+    monkeypatch.setattr(glorocert.loaders, "ROUNDING_RTOL", 10.0)  # Model.rounding_rtol reads it at call time
+    assert model.rounding_rtol == 10.0
     for method in ("gloro", "bcp", "cascade"):
         res = certify(model, "digits", [0.0, 0.05], method=method, batch_size=512)
         assert not res.rows["certified@0"].any() and not res.rows["certified@0.05"].any(), method

@@ -11,13 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SHAPE, Normalize, make_model, save_as
-from glorocert.api import certify, compute_bound
+from glorocert.api import Normalization, certify, compute_bound, default_path, load, open_dataset
 from glorocert.certify import gloro
-from glorocert.data import open_dataset
 from glorocert.errors import GlorocertError
-from glorocert.lipschitz.boundfile import default_path
-from glorocert.loaders import load
+from glorocert.loaders import ROUNDING_RTOL
+from helpers import SHAPE, Normalize, make_model, save_as
 
 # --------------------------------------------------------------------------- the reference computation
 
@@ -71,7 +69,7 @@ def assert_radii_match_reference(logits, k, rtol):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("rtol", [0.0, gloro.ROUNDING_RTOL, 1e-2])
+@pytest.mark.parametrize("rtol", [0.0, ROUNDING_RTOL, 1e-2])
 def test_radii_agree_with_a_per_sample_loop_including_ties_and_zero_margins(seed, rtol):
     logits, k = random_logits_and_margins(seed)
     assert_radii_match_reference(logits, k, rtol)
@@ -125,8 +123,9 @@ def test_sqrt2_fallback_when_the_graph_does_not_end_in_a_linear_layer(tmp_path, 
     assert k[off] == pytest.approx(math.sqrt(2) * bound.global_upper, rel=1e-5)
     result = certify(model, "digits", [0.01], bound=bound)
     logits = model.runner(next(open_dataset("digits").batches(10_000)).x)
-    assert_radii_match_reference(logits, k, max(gloro.ROUNDING_RTOL, 4 * model.equivalence_gap))
-    _, _, _, expected = gloro.radii(logits, k, max(gloro.ROUNDING_RTOL, 4 * model.equivalence_gap))
+    assert model.rounding_rtol == max(ROUNDING_RTOL, 4 * model.equivalence_gap)  # the one rounding budget
+    assert_radii_match_reference(logits, k, model.rounding_rtol)
+    _, _, _, expected = gloro.radii(logits, k, model.rounding_rtol)
     np.testing.assert_array_equal(result.rows["radius"], expected)
 
 
@@ -288,7 +287,7 @@ def test_stale_bound_from_another_model_is_refused(tmp_path):
 def test_bound_computed_without_normalisation_is_refused_for_normalised_data(tmp_path):
     model = load(save_as(make_model("chain"), "onnx", tmp_path))
     plain = compute_bound(model)
-    normalised = compute_bound(model, normalization={"mean": [0.5], "std": [0.25]})
+    normalised = compute_bound(model, normalization=Normalization.of(0.5, 0.25))
     data = open_dataset("digits", mean=0.5, std=0.25, limit=20)
     with pytest.raises(GlorocertError, match="normalisation"):
         certify(model, data, [0.1], bound=plain)
@@ -305,9 +304,9 @@ def test_normalisation_outside_the_model_certifies_the_same_radii_as_inside(tmp_
     model_in = load(save_as(inside, "onnx", tmp_path, "inside"))
     model_out = load(save_as(outside, "onnx", tmp_path, "outside"))
     r_in = certify(model_in, open_dataset("digits", limit=80), [0.01], bound=compute_bound(model_in)).rows
-    normalization = {"mean": [0.4], "std": [0.2]}
-    r_out = certify(model_out, open_dataset("digits", limit=80, mean=0.4, std=0.2), [0.01],
-                    bound=compute_bound(model_out, normalization=normalization)).rows
+    data = open_dataset("digits", limit=80, mean=0.4, std=0.2)
+    assert data.normalization == Normalization.of(0.4, 0.2)
+    r_out = certify(model_out, data, [0.01], bound=compute_bound(model_out, normalization=data.normalization)).rows
     np.testing.assert_array_equal(r_in["predicted"], r_out["predicted"])
     np.testing.assert_allclose(r_in["radius"], r_out["radius"], rtol=1e-4)
 

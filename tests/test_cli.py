@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SHAPE, make_model, run_main, save_as, save_pickle
+import glorocert.files
 from glorocert import cli
-from glorocert.data import open_dataset
-from glorocert.lipschitz.boundfile import Bound, default_path
+from glorocert.api import Normalization, compute_bound, default_path, load, open_dataset
+from glorocert.errors import GlorocertError
+from glorocert.lipschitz.boundfile import Bound
+from glorocert.loaders.runners import OrtRunner
 from glorocert.results import read_rows
+from glorocert.studies import compare_rs
+from helpers import SHAPE, make_model, run_main, save_as, save_pickle
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +47,6 @@ def workspace(tmp_path_factory):
     corrupt = models / "corrupt.onnx"
     corrupt.write_bytes(paths["onnx"].read_bytes()[:400])
     paths["corrupt"] = corrupt
-
-    from glorocert.api import compute_bound
-    from glorocert.loaders import load
 
     compute_bound(load(paths["onnx"])).save(default_path(paths["onnx"]))
     paths["other_bound"] = compute_bound(load(paths["other_onnx"])).save(models / "other.bound.json")
@@ -86,6 +89,49 @@ def test_command_help_mentions_an_example(command):
     result = CliRunner().invoke(cli.app, [command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "Example" in result.stdout and f"glorocert {command} " in result.stdout
+
+
+# --------------------------------------------------------------------------- options shared by the commands
+
+
+DATA_OPTIONS = ("--data", "--split", "--labels", "--start", "--limit", "--layout", "--scale", "--mean", "--std")
+
+
+def _help(command: str) -> str:
+    result = CliRunner().invoke(cli.app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.mark.parametrize("command", ["bound", "certify", "compare-rs", "compare-local", "audit", "export", "train"])
+def test_every_command_that_runs_a_model_takes_device(command):
+    assert "--device" in _help(command)
+
+
+@pytest.mark.parametrize("command", ["certify", "compare-rs", "compare-local", "audit"])
+def test_every_command_that_reads_a_dataset_takes_the_same_data_options_and_batch_size(command):
+    text = _help(command)
+    assert all(option in text for option in DATA_OPTIONS)
+    assert (command == "audit") != ("--batch-size" in text)  # audit attacks in fixed groups
+
+
+def test_compare_rs_hides_the_old_spelling_batch():
+    assert "--batch-size" in _help("compare-rs") and "--batch " not in _help("compare-rs")
+
+
+@pytest.mark.parametrize("spelling", ["--batch-size", "--batch"])
+def test_compare_rs_passes_batch_size_under_both_spellings_and_the_data_normalisation(monkeypatch, capsys, workspace, spelling):
+    seen = {}
+
+    def stop(gloro_model, base_model, dataset, **options):
+        seen.update(options, normalization=dataset.normalization)
+        raise GlorocertError("stopped by the test")
+
+    monkeypatch.setattr(compare_rs, "compare_rs", stop)
+    code, _, err = run_main(monkeypatch, capsys, "compare-rs", workspace["onnx"], "--data", workspace["data"] / "digits.npz",
+                            spelling, "7", "--mean", "0.5", "--std", "0.25")
+    assert code == 2 and "stopped by the test" in err
+    assert seen["batch"] == 7 and Normalization.same(seen["normalization"], Normalization((0.5,), (0.25,)))
 
 
 # --------------------------------------------------------------------------- bound
@@ -236,8 +282,6 @@ def test_usage_errors_exit_2_without_a_traceback(monkeypatch, capsys, args):
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_interrupt_while_writing_leaves_no_output_file(monkeypatch, workspace, out_dir, suffix):
-    import glorocert.results
-
     real_replace = os.replace
 
     def interrupted(src, dst):  # the rows are complete in the temporary file; Ctrl-C arrives before the rename
@@ -245,7 +289,7 @@ def test_interrupt_while_writing_leaves_no_output_file(monkeypatch, workspace, o
             raise KeyboardInterrupt
         return real_replace(src, dst)
 
-    monkeypatch.setattr(glorocert.results.os, "replace", interrupted)
+    monkeypatch.setattr(glorocert.files.os, "replace", interrupted)
     result = CliRunner().invoke(cli.app, [
         "certify", str(workspace["onnx"]), "--data", str(workspace["data"] / "digits.npz"), "--eps", "0.05",
         "--out", str(out_dir / f"rows{suffix}"), "--summary", str(out_dir / "summary.json"),
@@ -255,8 +299,6 @@ def test_interrupt_while_writing_leaves_no_output_file(monkeypatch, workspace, o
 
 
 def test_interrupt_during_certification_leaves_no_output_file(monkeypatch, workspace, out_dir):
-    from glorocert.loaders.runners import OrtRunner
-
     calls = []
     real_call = OrtRunner.__call__
 
@@ -278,12 +320,10 @@ def test_interrupt_during_certification_leaves_no_output_file(monkeypatch, works
 
 
 def test_interrupt_through_main_exits_130_and_leaves_no_output(monkeypatch, capsys, workspace, out_dir):
-    import glorocert.results
-
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(glorocert.results, "write_json", interrupted)  # rows are written first, then the summary
+    monkeypatch.setattr(glorocert.files, "write_json", interrupted)  # rows are written first, then the summary
     code, out, err = run_main(
         monkeypatch, capsys, "certify", workspace["onnx"], "--data", workspace["data"] / "digits.npz", "--eps", "0.05",
         "--summary", out_dir / "summary.json",
@@ -295,9 +335,6 @@ def test_interrupt_through_main_exits_130_and_leaves_no_output(monkeypatch, caps
 
 def test_ctrl_c_on_a_running_certification_exits_130_and_leaves_no_output(workspace, out_dir, tmp_path):
     """A real SIGINT to a real process, while it streams a large memory-mapped .npy one sample at a time."""
-    import signal
-    import time
-
     big = tmp_path / "big.npy"
     np.save(big, np.random.default_rng(0).random((100_000, *SHAPE), dtype=np.float32))
     rows = out_dir / "rows.csv"

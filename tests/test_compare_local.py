@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from rich.console import Console
+from typer.testing import CliRunner
 
-import conftest
-from glorocert import cli, compare_local
-from glorocert.api import certify
-from glorocert.loaders import load
+import helpers
+from glorocert import cli, render
+from glorocert.api import certify, load
+from glorocert.studies import compare_local, isolation
 
 
 def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    return conftest.run_main(monkeypatch, capsys, *args, width=250)
+    return helpers.run_main(monkeypatch, capsys, *args, width=250)
 
 
 def rows_by_method(report: dict) -> dict:
@@ -30,7 +33,7 @@ def rows_by_method(report: dict) -> dict:
 
 def test_report_on_a_relu_model_has_every_method_on_the_same_samples(trained_digits_model, monkeypatch, capsys, tmp_path):
     _, onnx_path, _ = trained_digits_model
-    monkeypatch.setattr(compare_local, "run_isolated", lambda target, argument: compare_local.run_here(target, argument))
+    monkeypatch.setattr(compare_local, "run_isolated", lambda target, argument: isolation.run_here(target, argument))
     report_path = tmp_path / "report.json"
     code, out, err = run_main(monkeypatch, capsys, "compare-local", onnx_path, "--data", "digits", "--limit", "40",
                               "--eps", "0.1,0.2", "--kw-limit", "10", "--json", report_path)
@@ -82,7 +85,7 @@ def test_bcp_and_the_cascade_on_a_minmax_model_are_unsupported_rows_not_failures
 
 
 def test_a_crashed_child_is_reported_with_its_exit_code():
-    result = compare_local.run_isolated(os._exit, 3)
+    result = isolation.run_isolated(os._exit, 3)
     assert result["status"] == "crashed" and "exit code 3" in result["error"]
 
 
@@ -98,7 +101,7 @@ def test_rows_that_did_not_run_keep_the_table_and_exit_code_sensible():
     report["methods"][0]["status"] = "failed"
     assert not compare_local.succeeded(report)
     console = Console(width=250, record=True)
-    console.print(compare_local.report_table(report))
+    console.print(render.compare_local_table(report))
     text = " ".join(console.export_text().split())
     assert "crashed" in text and "signal 9" in text
 
@@ -155,8 +158,6 @@ def test_ctrl_c_during_a_method_exits_130_and_writes_no_report(trained_digits_mo
 
 
 def test_help_has_an_example():
-    from typer.testing import CliRunner
-
     result = CliRunner().invoke(cli.app, ["compare-local", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "glorocert compare-local " in result.stdout and "--kw-limit" in result.stdout
 
@@ -169,13 +170,10 @@ def test_parse_methods_keeps_order_and_drops_duplicates():
 
 def test_a_child_reports_its_own_peak_memory_not_its_parents():
     """ru_maxrss survives fork + exec on Linux: a child of a large parent would report the parent's peak."""
-    import subprocess
-    import sys
-
     ballast = bytearray(600 * 2**20)
     ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: the parent's peak is now ≥ 600 MiB
-    code = "from glorocert.compare_local import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from glorocert.studies.isolation import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-    assert compare_local.peak_rss_bytes() > 600 * 2**20
+    assert isolation.peak_rss_bytes() > 600 * 2**20
     assert child < 400 * 2**20
     del ballast

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from glorocert.compare import SMOOTHING_ROWS, compare_rs
+from glorocert.studies.compare_rs import SMOOTHING_ROWS, compare_rs
 from glorocert.data import open_dataset
 from glorocert.loaders import load
 

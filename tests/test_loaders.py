@@ -11,10 +11,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import SHAPE, SUPPORTED_KINDS, make_model, save_as, save_pickle
 from glorocert import graph as ir
 from glorocert.errors import GlorocertError, UnsupportedOperator
 from glorocert.loaders import load
+from glorocert.zoo import build, save_checkpoint
+from helpers import SHAPE, SUPPORTED_KINDS, make_model, save_as, save_pickle
 
 
 def random_inputs(n=12, seed=0) -> torch.Tensor:
@@ -94,8 +95,6 @@ def test_ir_forward_equals_native_forward_for_a_trusted_pickle(tmp_path, kind):
 
 
 def test_ir_forward_equals_native_forward_for_a_glorocert_checkpoint(tmp_path):
-    from glorocert.zoo import build, save_checkpoint
-
     spec = {"arch": "2c2f", "activation": "minmax", "minmax_pairing": "adjacent", "input_shape": list(SHAPE), "num_classes": 10}
     torch.manual_seed(0)
     module = build(spec).eval()

@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import MinMaxHalves, Residual, save_onnx
-from glorocert.api import certify, compute_bound
+from glorocert.api import certify, compute_bound, from_arrays, load
 from glorocert.errors import GlorocertError
-from glorocert.loaders import load
+from glorocert.studies.audit import audit
+from helpers import MinMaxHalves, Residual, save_onnx
 
 SHAPE = (2, 8, 8)
 
@@ -69,20 +69,11 @@ def test_random_architectures_bound_every_difference_quotient_and_convert_exactl
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(names=st.lists(st.sampled_from(["conv", "relu", "minmax", "batchnorm", "residual"]), min_size=1, max_size=3), seed=st.integers(0, 10_000))
 def test_random_architectures_certified_samples_survive_attacks(tmp_path_factory, names, seed):
-    from glorocert.audit import audit
-    from glorocert.data import Batch
-
     model = build(names, seed)
     loaded = load(save_onnx(model, tmp_path_factory.mktemp("prop") / "m.onnx", SHAPE))
     x = np.random.default_rng(seed).random((16, *SHAPE)).astype(np.float32)
-
-    class Random:  # a dataset of random inputs, unlabelled
-        name, shape, num_samples, num_classes, has_labels, mean, std = "random", SHAPE, 16, 3, False, None, None
-
-        def batches(self, size):
-            yield Batch(np.arange(16), x, None)
-
-    result = audit(loaded, Random(), bound=compute_bound(loaded), steps=20, restarts=1)
+    random_inputs = from_arrays(x, name="random")  # unlabelled
+    result = audit(loaded, random_inputs, bound=compute_bound(loaded), steps=20, restarts=1)
     assert result.violations == []
 
 
@@ -93,13 +84,5 @@ def test_out_of_memory_becomes_advice(monkeypatch, tmp_path):
         raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer")
 
     monkeypatch.setattr(loaded, "runner", exhausted)
-    from glorocert.data import Batch
-
-    class Tiny:
-        name, shape, num_samples, num_classes, has_labels, mean, std = "tiny", SHAPE, 2, 3, False, None, None
-
-        def batches(self, size):
-            yield Batch(np.arange(2), np.zeros((2, *SHAPE), np.float32), None)
-
     with pytest.raises(GlorocertError, match="--batch-size"):
-        certify(loaded, Tiny(), [0.1], bound=compute_bound(loaded), batch_size=512)
+        certify(loaded, from_arrays(np.zeros((2, *SHAPE), np.float32), name="tiny"), [0.1], bound=compute_bound(loaded), batch_size=512)

@@ -8,17 +8,9 @@ import numpy as np
 import pytest
 
 from glorocert.errors import GlorocertError
-from glorocert.results import (
-    atomic_write,
-    certified_accuracy_curve,
-    eps_key,
-    plot_curves,
-    read_rows,
-    summarize,
-    summary_table,
-    write_json,
-    write_rows,
-)
+from glorocert.files import atomic_write, write_json
+from glorocert.render import summary_table
+from glorocert.results import certified_accuracy_curve, eps_key, plot_curves, read_rows, summarize, write_rows
 
 
 def rows(n=50, seed=0):

@@ -6,6 +6,7 @@ Small, seeded, CPU-only; each test takes seconds.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import digits_split
+from helpers import digits_split
 from glorocert.errors import GlorocertError
 from glorocert.train import losses
 from glorocert.zoo import (
@@ -26,21 +27,13 @@ from glorocert.zoo import (
 )
 from glorocert.certify.gloro_onnx import export_gloro_onnx
 from glorocert.train.export import export_onnx
-from glorocert.train.loop import TrainConfig, evaluate, train
+from glorocert.train import RobustSettings, TrainConfig, evaluate, train
 from glorocert.train.power import PowerIteration
 from glorocert.train.schedules import LAMBDA_SCHEDULES, LR_SCHEDULES, RAMP_SCHEDULES, parse_schedule
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
-def digits():
+def digits_512_256():
     """sklearn's 8×8 digits in [0, 1]: 512 train / 256 held-out samples."""
     return digits_split(512, 256)
 
@@ -294,15 +287,20 @@ def test_schedule_values():
 
 # -- the loop ----------------------------------------------------------------
 
+_ROBUST_FIELDS = {f.name for f in dataclasses.fields(RobustSettings)}
+
+
 def _small_config(**overrides) -> TrainConfig:
+    """A small GloRo run; ``overrides`` may name common and robust settings alike."""
     settings = dict(arch="2c2f", loss="gloro", eps=0.3, train_eps=0.45, epochs=3, batch_size=64,
                     lr=3e-3, final_lr=1e-4, seed=0)
     settings.update(overrides)
-    return TrainConfig(**settings)
+    robust = {name: settings.pop(name) for name in list(settings) if name in _ROBUST_FIELDS}
+    return TrainConfig(robust=RobustSettings(**robust), **settings)
 
 
-def test_short_gloro_training_improves_vra_over_the_untrained_net(digits):
-    x_train, y_train, x_val, y_val = digits
+def test_short_gloro_training_improves_vra_over_the_untrained_net(digits_512_256):
+    x_train, y_train, x_val, y_val = digits_512_256
     torch.manual_seed(0)
     untrained = build(spec("2c2f", shape=(1, 8, 8)))
     power = PowerIteration(untrained, (1, 8, 8))
@@ -328,8 +326,8 @@ class _StopAfter:
 
 
 @pytest.mark.parametrize("loss", ["trades"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits, tmp_path, loss):
-    x_train, y_train, x_val, y_val = digits
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits_512_256, tmp_path, loss):
+    x_train, y_train, x_val, y_val = digits_512_256
     x_train, y_train = x_train[:256], y_train[:256]
     config = dict(loss=loss, lam=1.5, epochs=3, eps_schedule="linear_half", activation="minmax")
     whole = train(_small_config(out_dir=str(tmp_path / "whole"), **config), x_train, y_train, x_val, y_val)
@@ -361,15 +359,15 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits, tmp_path,
     torch.testing.assert_close(scripted(x_val[:5]), loaded(x_val[:5]))
 
 
-def test_standard_training_baseline_runs(digits):
-    x_train, y_train, x_val, y_val = digits
+def test_standard_training_baseline_runs(digits_512_256):
+    x_train, y_train, x_val, y_val = digits_512_256
     result = train(_small_config(loss="ce", epochs=2), x_train, y_train, x_val, y_val)
     assert result.clean_acc > 0.5
     assert all(r.train_eps == 0.0 for r in result.history)
 
 
-def test_bad_data_is_refused(digits):
-    x_train, y_train, x_val, y_val = digits
+def test_bad_data_is_refused(digits_512_256):
+    x_train, y_train, x_val, y_val = digits_512_256
     bad = x_train.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(GlorocertError, match="NaN"):
@@ -480,17 +478,16 @@ def test_gloro_onnx_refuses_a_mismatched_margin_matrix(tmp_path):
         export_gloro_onnx(onnx_path, -np.ones((4, 4)), 0.1, tmp_path / "g.onnx")
 
 
-def test_trained_model_gloro_onnx_matches_certify_rows_and_bound_exceeds_estimate(digits, tmp_path):
+def test_trained_model_gloro_onnx_matches_certify_rows_and_bound_exceeds_estimate(digits_512_256, tmp_path):
     """End to end: train → frozen sound bound → GloRo ONNX; ORT argmax == `certify`'s rows."""
     import onnxruntime as ort
 
     from glorocert import api
-    from glorocert.certify.gloro import ROUNDING_RTOL
     from glorocert.data import open_dataset
     from glorocert.lipschitz.boundfile import Bound
     from glorocert.results import eps_key
 
-    x_train, y_train, x_val, y_val = digits
+    x_train, y_train, x_val, y_val = digits_512_256
     out = tmp_path / "run"
     result = train(_small_config(epochs=4, batch_size=32, lr=5e-3, activation="minmax", data="digits",
                                  out_dir=str(out)), x_train, y_train, x_val, y_val)
@@ -506,7 +503,7 @@ def test_trained_model_gloro_onnx_matches_certify_rows_and_bound_exceeds_estimat
     assert certified.summary["bound_file"] == str(out / "model.onnx.bound.json")
     rows = certified.rows
     gloro_path = export_gloro_onnx(out / "model.onnx", bound.margin_matrix, eps, tmp_path / "gloro.onnx",
-                                   rounding_rtol=max(ROUNDING_RTOL, 4 * model.equivalence_gap))
+                                   rounding_rtol=model.rounding_rtol)
     session = ort.InferenceSession(str(gloro_path), providers=["CPUExecutionProvider"])
     x = np.concatenate([b.x for b in dataset.batches(512)])
     argmax = session.run(None, {"input": x})[0].argmax(axis=1)

@@ -19,15 +19,15 @@ from glorocert.cli import app
 from glorocert.errors import GlorocertError
 from glorocert.lipschitz.compose import compose
 from glorocert.train import local_losses
-from glorocert.zoo import build
-from glorocert.train.loop import METHOD_SCHEDULES, TrainConfig, train
-from glorocert.train.outputs import command_line
+from glorocert.train import RobustSettings, SmoothingSettings, TrainConfig, command_line, train
+from glorocert.train.config import METHOD_SCHEDULES
 from glorocert.train.power import PowerIteration
-from conftest import digits_split, run_main
+from glorocert.zoo import build
+from helpers import digits_split, pgd_margin, run_main
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits_600_240():
     """sklearn's 8×8 digits in [0, 1]: 600 train / 240 held-out samples."""
     return digits_split(600, 240)
 
@@ -46,10 +46,10 @@ def small_net(seed=0, dtype=torch.float32):
 # --------------------------------------------------------------------------- the objective is the certifier's bound
 
 
-def test_bcp_objective_with_guaranteed_norms_equals_the_certifier(digits):
+def test_bcp_objective_with_guaranteed_norms_equals_the_certifier(digits_600_240):
     model = small_net().double()
     graph = local_losses.live_graph(model, (1, 8, 8))
-    x, y = digits[0][:40].double(), digits[1][:40]
+    x, y = digits_600_240[0][:40].double(), digits_600_240[1][:40]
     composition = compose(graph)
     upper = {b.name: b.upper for b in composition.blocks}
     trained = bcp.training_lower_bounds(graph, x, y, 0.3, block_norm=lambda b: upper[b.name],
@@ -60,10 +60,10 @@ def test_bcp_objective_with_guaranteed_norms_equals_the_certifier(digits):
     assert torch.allclose(trained[finite], certified[finite], rtol=1e-9, atol=1e-9)
 
 
-def test_kw_objective_in_float32_matches_the_float64_certifier(digits):
+def test_kw_objective_in_float32_matches_the_float64_certifier(digits_600_240):
     model = small_net()
     graph = local_losses.live_graph(model, (1, 8, 8))
-    x, y = digits[0][:40], digits[1][:40]
+    x, y = digits_600_240[0][:40], digits_600_240[1][:40]
     trained = kw.training_lower_bounds(graph, x, y, 0.2)
     certified = kw.lower_bounds(graph, x, y, 0.2)
     finite = torch.isfinite(certified)
@@ -72,14 +72,14 @@ def test_kw_objective_in_float32_matches_the_float64_certifier(digits):
     assert (trained[finite].double() - certified[finite]).abs().max() <= 1e-4 * scale
 
 
-def test_bcp_training_bounds_use_the_power_iteration_estimates(digits):
+def test_bcp_training_bounds_use_the_power_iteration_estimates(digits_600_240):
     """With estimates (≤ the true norms) the training bound can only be looser-or-equal to the sound
     one's complement: it is ≥ the certified bound, never used to certify."""
     model = small_net()
     power = PowerIteration(model, (1, 8, 8))
     power.converge()
     graph = local_losses.live_graph(model, (1, 8, 8))
-    x, y = digits[0][:40], digits[1][:40]
+    x, y = digits_600_240[0][:40], digits_600_240[1][:40]
     trained = local_losses.lower_bounds("bcp", graph, power, x, y, 0.3).double()
     certified = bcp.lower_bounds(graph, x, y, 0.3)
     finite = torch.isfinite(certified)
@@ -87,7 +87,7 @@ def test_bcp_training_bounds_use_the_power_iteration_estimates(digits):
 
 
 @pytest.mark.parametrize("method", ["bcp", "kw"])
-def test_gradient_is_the_derivative_of_the_bound(method, digits):
+def test_gradient_is_the_derivative_of_the_bound(method, digits_600_240):
     """Directional derivative of the summed bounds along a random weight direction vs central differences.
 
     BCP's value is the Lagrange dual at the loop's multiplier t* (computed without gradients):
@@ -95,7 +95,7 @@ def test_gradient_is_the_derivative_of_the_bound(method, digits):
     """
     model = small_net(seed=3).double()
     graph = local_losses.live_graph(model, (1, 8, 8))
-    x, y = digits[0][:16].double(), digits[1][:16]
+    x, y = digits_600_240[0][:16].double(), digits_600_240[1][:16]
     composition = compose(graph)  # fixed norms: their own derivative is autograd's business, not the bound's
     upper = {b.name: b.upper for b in composition.blocks}
     margin = torch.tensor(composition.margin_upper)
@@ -154,26 +154,36 @@ def test_bcp_worst_case_gradient_is_finite_when_the_box_binds_everywhere():
 # --------------------------------------------------------------------------- configuration
 
 
+def _schedules(config: TrainConfig) -> tuple[str, str]:
+    return config.robust.eps_schedule, config.robust.lam_schedule
+
+
 def test_method_defaults_follow_the_papers():
-    assert (TrainConfig(method="bcp").eps_schedule, TrainConfig(method="bcp").lam_schedule) == METHOD_SCHEDULES["bcp"]
-    assert (TrainConfig(method="kw").eps_schedule, TrainConfig(method="kw").lam_schedule) == ("linear_half", "fixed")
-    assert (TrainConfig().eps_schedule, TrainConfig().lam_schedule) == ("fixed", "linear")
-    assert TrainConfig(method="bcp", eps_schedule="fixed").eps_schedule == "fixed"
+    assert _schedules(TrainConfig(method="bcp")) == METHOD_SCHEDULES["bcp"]
+    assert _schedules(TrainConfig(method="kw")) == ("linear_half", "fixed")
+    assert _schedules(TrainConfig()) == ("fixed", "linear")
+    assert TrainConfig(method="bcp", robust=RobustSettings(eps_schedule="fixed")).robust.eps_schedule == "fixed"
+    assert TrainConfig(method="kw", robust=RobustSettings(eps=0.2)).robust.train_eps == 0.2  # train_eps defaults to eps
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"method": "bcp", "activation": "minmax"}, "ReLU"),
-    ({"method": "kw", "lam": 2.0}, "κ"),
-    ({"method": "bcp", "loss": "ce"}, "--loss ce is for --method gloro"),
-    ({"method": "kw", "loss": "trades"}, "--loss trades is for --method gloro"),
+@pytest.mark.parametrize("kwargs, robust, message", [
+    ({"method": "bcp", "activation": "minmax"}, {}, "ReLU"),
+    ({"method": "kw"}, {"lam": 2.0}, "κ"),
+    ({"method": "bcp"}, {"loss": "ce"}, "--loss ce is for --method gloro"),
+    ({"method": "kw"}, {"loss": "trades"}, "--loss trades is for --method gloro"),
 ])
-def test_invalid_local_configs_are_refused(kwargs, message):
+def test_invalid_local_configs_are_refused(kwargs, robust, message):
     with pytest.raises(GlorocertError, match=message):
-        TrainConfig(**kwargs)
+        TrainConfig(**kwargs, robust=RobustSettings(**robust))
+
+
+def test_a_config_section_of_another_method_is_refused():
+    with pytest.raises(GlorocertError, match="method bcp takes robust settings, not SmoothingSettings"):
+        TrainConfig(method="bcp", smoothing=SmoothingSettings())
 
 
 def test_command_line_spells_out_the_method():
-    line = command_line(TrainConfig(method="bcp", eps=0.3, data="digits", out_dir="out"))
+    line = command_line(TrainConfig(method="bcp", robust=RobustSettings(eps=0.3), data="digits", out_dir="out"))
     assert "--method bcp" in line and "--lam-schedule linear_half" in line and "--loss" not in line
 
 
@@ -181,13 +191,14 @@ def test_command_line_spells_out_the_method():
 
 
 @pytest.fixture(scope="module")
-def trained(digits, tmp_path_factory):
-    x, y, xv, yv = digits
+def trained(digits_600_240, tmp_path_factory):
+    x, y, xv, yv = digits_600_240
     runs = {}
     for method, epochs, held_out in (("ce", 6, 240), ("bcp", 6, 240), ("kw", 4, 120)):  # exact KW bounds are slow
         out = tmp_path_factory.mktemp(method)
-        config = TrainConfig(method="gloro" if method == "ce" else method, loss="ce" if method == "ce" else "gloro",
-                             eps=0.3, epochs=epochs, batch_size=50, lr=3e-3, final_lr=1e-4, out_dir=str(out),
+        config = TrainConfig(method="gloro" if method == "ce" else method,
+                             robust=RobustSettings(loss="ce" if method == "ce" else "gloro", eps=0.3),
+                             epochs=epochs, batch_size=50, lr=3e-3, final_lr=1e-4, out_dir=str(out),
                              eval_batch_size=120)
         runs[method] = (train(config, x, y, xv[:held_out], yv[:held_out]), out)
     return runs
@@ -201,8 +212,8 @@ def _vra(module, result, xv, yv, eps=0.3):
     return float((module.certify(loaded.graph, xv, predicted, eps) & (predicted == yv)).float().mean()), loaded
 
 
-def test_training_for_a_certifier_beats_standard_training_under_it(trained, digits):
-    xv, yv = digits[2], digits[3]
+def test_training_for_a_certifier_beats_standard_training_under_it(trained, digits_600_240):
+    xv, yv = digits_600_240[2], digits_600_240[3]
     vra_bcp_ce, _ = _vra(bcp, trained["ce"], xv, yv)
     vra_bcp, _ = _vra(bcp, trained["bcp"], xv, yv)
     assert vra_bcp > vra_bcp_ce + 0.15
@@ -214,16 +225,16 @@ def test_training_for_a_certifier_beats_standard_training_under_it(trained, digi
 
 
 @pytest.mark.parametrize("method", ["bcp", "kw"])
-def test_certified_samples_of_trained_models_resist_pgd(method, trained, digits):
-    xv, yv = digits[2][:60], digits[3][:60]
+def test_certified_samples_of_trained_models_resist_pgd(method, trained, digits_600_240):
+    xv, yv = digits_600_240[2][:60], digits_600_240[3][:60]
     module = {"bcp": bcp, "kw": kw}[method]
     _, loaded = _vra(module, trained[method], xv, yv)
     predicted = torch.from_numpy(loaded.runner(xv.numpy()).argmax(1))
     certified = module.certify(loaded.graph, xv, predicted, 0.3)
     assert certified.sum() >= 5
     graph = loaded.graph
-    margins = local.pgd_margin(lambda v: graph.forward(v), xv[certified].double(), predicted[certified], 0.3,
-                               steps=40, restarts=2)
+    margins = pgd_margin(lambda v: graph.forward(v), xv[certified].double(), predicted[certified], 0.3,
+                         steps=40, restarts=2)
     assert (margins > 0).all()
 
 
@@ -247,14 +258,14 @@ class _StopAfterFirstEpoch:
         raise _Interrupt
 
 
-def test_bcp_training_resumes_to_the_same_weights(digits, tmp_path):
-    x, y, xv, yv = digits
+def test_bcp_training_resumes_to_the_same_weights(digits_600_240, tmp_path):
+    x, y, xv, yv = digits_600_240
     x, y, xv, yv = x[:200], y[:200], xv[:100], yv[:100]
-    settings = dict(method="bcp", eps=0.3, epochs=2, batch_size=100, eval_batch_size=100)
+    settings = dict(method="bcp", robust=RobustSettings(eps=0.3), epochs=2, batch_size=100, eval_batch_size=100)
     whole = train(TrainConfig(**settings, out_dir=str(tmp_path / "whole")), x, y, xv, yv)
     with pytest.raises(_Interrupt):
         train(TrainConfig(**settings, out_dir=str(tmp_path / "cut")), x, y, xv, yv, progress=_StopAfterFirstEpoch())
-    with pytest.raises(GlorocertError, match="method"):
+    with pytest.raises(GlorocertError, match=r"cannot resume with different settings: method \(was 'bcp', now 'kw'\)"):
         train(TrainConfig(**{**settings, "method": "kw"}, out_dir=str(tmp_path / "cut"), resume=True), x, y, xv, yv)
     resumed = train(TrainConfig(**settings, out_dir=str(tmp_path / "cut"), resume=True), x, y, xv, yv)
     for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
@@ -301,14 +312,14 @@ def test_a_network_too_wide_for_exact_kw_bounds_is_refused_before_anything_is_wr
     y = torch.arange(8) % 2
     out = tmp_path / "wide"
     with pytest.raises(GlorocertError, match="too large for exact KW bounds"):
-        train(TrainConfig(method="kw", arch="4c3f", eps=0.3, epochs=1, out_dir=str(out)), x, y, x, y)
+        train(TrainConfig(method="kw", arch="4c3f", robust=RobustSettings(eps=0.3), epochs=1, out_dir=str(out)), x, y, x, y)
     assert not out.exists()
 
 
-def test_certifying_a_live_graph_never_reuses_a_plan_from_before_the_weights_moved(digits):
+def test_certifying_a_live_graph_never_reuses_a_plan_from_before_the_weights_moved(digits_600_240):
     model = small_net()
     graph = local_losses.live_graph(model, (1, 8, 8))
-    x, y = digits[0][:30], digits[1][:30]
+    x, y = digits_600_240[0][:30], digits_600_240[1][:30]
     before = bcp.lower_bounds(graph, x, y, 0.1)
     with torch.no_grad():
         for p in model.parameters():
@@ -319,10 +330,10 @@ def test_certifying_a_live_graph_never_reuses_a_plan_from_before_the_weights_mov
     assert torch.equal(after[finite], fresh[finite]) and not torch.equal(before[finite], after[finite])
 
 
-def test_final_kw_figures_cover_the_whole_held_out_split(digits):
-    x, y, xv, yv = digits
+def test_final_kw_figures_cover_the_whole_held_out_split(digits_600_240):
+    x, y, xv, yv = digits_600_240
     assert len(yv) > local_losses.KW_EVAL_SAMPLES
-    result = train(TrainConfig(method="kw", eps=0.1, epochs=1, batch_size=100), x[:100], y[:100], xv, yv)
+    result = train(TrainConfig(method="kw", robust=RobustSettings(eps=0.1), epochs=1, batch_size=100), x[:100], y[:100], xv, yv)
     with torch.no_grad():
         expected = float((result.model(xv).argmax(1) == yv).float().mean())
     assert result.clean_acc == pytest.approx(expected)

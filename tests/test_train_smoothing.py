@@ -6,6 +6,7 @@ Small, seeded, CPU-only on sklearn's 8×8 digits; each test takes seconds.
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -18,16 +19,8 @@ from glorocert.cli import app
 from glorocert.data import open_dataset
 from glorocert.errors import GlorocertError
 from glorocert.train import losses
-from glorocert.zoo import build
-from glorocert.train.loop import TrainConfig, evaluate_noisy, train
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from glorocert.train import RobustSettings, SmoothingSettings, TrainConfig, evaluate_noisy, train
+from glorocert.zoo import build, read_checkpoint_metadata
 
 
 def _tensors(split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,26 +33,27 @@ def _tensors(split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def digits():
+def builtin_digits():
+    """The built-in digits splits: the first 512 of train, the first 256 of test."""
     x_train, y_train = _tensors("train", 512)
     x_val, y_val = _tensors("test", 256)
     assert x_train.shape[1:] == (1, 8, 8) and float(x_train.max()) <= 1.0
     return x_train, y_train, x_val, y_val
 
 
-def _config(**overrides) -> TrainConfig:
-    settings = {"arch": "2c2f", "epochs": 3, "batch_size": 64, "lr": 3e-3, "sigma": 0.25, "seed": 0}
+def _config(method: str, sigma: float = 0.25, macer_k: int = 16, **overrides) -> TrainConfig:
+    settings = {"arch": "2c2f", "epochs": 3, "batch_size": 64, "lr": 3e-3, "seed": 0}
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return TrainConfig(method=method, smoothing=SmoothingSettings(sigma=sigma, macer_k=macer_k), **settings)
 
 
-def test_gaussian_training_makes_the_base_model_accurate_under_noise(digits):
-    x_train, y_train, x_val, y_val = digits
-    config = _config(method="gaussian")
+def test_gaussian_training_makes_the_base_model_accurate_under_noise(builtin_digits):
+    x_train, y_train, x_val, y_val = builtin_digits
+    config = _config("gaussian")
     result = train(config, x_train, y_train, x_val, y_val)
     torch.manual_seed(config.seed)
     untrained = build(result.spec)  # the same initialisation the run started from
-    before = evaluate_noisy(untrained, x_val, y_val, config.sigma, config.seed)["noisy_acc"]
+    before = evaluate_noisy(untrained, x_val, y_val, config.smoothing.sigma, config.seed)["noisy_acc"]
     assert result.noisy_acc == pytest.approx(result.history[-1].noisy_acc)
     assert result.noisy_acc > before + 0.3, (before, result.noisy_acc)
     assert result.vra_estimate is None and all(r.vra is None for r in result.history)
@@ -69,9 +63,9 @@ def test_gaussian_training_makes_the_base_model_accurate_under_noise(digits):
         assert torch.equal(a, b), name
 
 
-def test_macer_runs_and_its_loss_is_finite_and_decreases(digits):
-    x_train, y_train, x_val, y_val = digits
-    result = train(_config(method="macer", macer_k=4, epochs=4), x_train[:256], y_train[:256], x_val, y_val)
+def test_macer_runs_and_its_loss_is_finite_and_decreases(builtin_digits):
+    x_train, y_train, x_val, y_val = builtin_digits
+    result = train(_config("macer", macer_k=4, epochs=4), x_train[:256], y_train[:256], x_val, y_val)
     curve = [r.loss for r in result.history]
     assert all(np.isfinite(curve)), curve
     assert curve[-1] < curve[0], curve
@@ -112,8 +106,8 @@ def test_macer_robustness_term_vanishes_beyond_gamma_and_is_positive_inside():
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
 
-def test_gaussian_resume_gives_the_same_weights(digits, tmp_path):
-    x_train, y_train, x_val, y_val = digits
+def test_gaussian_resume_gives_the_same_weights(builtin_digits, tmp_path):
+    x_train, y_train, x_val, y_val = builtin_digits
     x_train, y_train = x_train[:192], y_train[:192]
 
     class Stop(Exception):
@@ -124,27 +118,30 @@ def test_gaussian_resume_gives_the_same_weights(digits, tmp_path):
             if record.epoch == 1:
                 raise Stop
 
-    whole = train(_config(method="gaussian", out_dir=str(tmp_path / "whole")), x_train, y_train, x_val, y_val)
+    whole = train(_config("gaussian", out_dir=str(tmp_path / "whole")), x_train, y_train, x_val, y_val)
     with pytest.raises(Stop):
-        train(_config(method="gaussian", out_dir=str(tmp_path / "cut")), x_train, y_train, x_val, y_val,
+        train(_config("gaussian", out_dir=str(tmp_path / "cut")), x_train, y_train, x_val, y_val,
               progress=StopAfterFirst())
     with pytest.raises(GlorocertError, match="sigma"):
-        train(_config(method="gaussian", sigma=0.5, out_dir=str(tmp_path / "cut"), resume=True),
+        train(_config("gaussian", sigma=0.5, out_dir=str(tmp_path / "cut"), resume=True),
               x_train, y_train, x_val, y_val)
-    resumed = train(_config(method="gaussian", out_dir=str(tmp_path / "cut"), resume=True),
+    resumed = train(_config("gaussian", out_dir=str(tmp_path / "cut"), resume=True),
                     x_train, y_train, x_val, y_val)
     for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
     assert [r.loss for r in whole.history] == [r.loss for r in resumed.history]
     card = (tmp_path / "whole" / "card.md").read_text()
     assert "smoothing base model" in card and "VRA at" not in card
+    assert resumed.power is None and not (tmp_path / "cut" / "model.onnx.bound.json").exists()
 
 
 def test_unknown_method_is_rejected_with_a_clear_error(tmp_path):
     with pytest.raises(GlorocertError, match=r"unknown method 'smooth'; valid: gloro, bcp, kw, gaussian, macer"):
         TrainConfig(method="smooth")
     with pytest.raises(GlorocertError, match="sigma"):
-        TrainConfig(method="gaussian", sigma=0.0)
+        TrainConfig(method="gaussian", smoothing=SmoothingSettings(sigma=0.0))
+    with pytest.raises(GlorocertError, match="method macer takes smoothing settings, not RobustSettings"):
+        TrainConfig(method="macer", robust=RobustSettings())
     result = CliRunner().invoke(app, ["train", "--data", "digits", "--method", "smooth", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0
     assert "unknown method 'smooth'" in str(result.exception) + result.output
@@ -178,10 +175,9 @@ def test_cli_gaussian_writes_onnx_and_a_smoothing_card(tmp_path):
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"input": np.zeros((2, 1, 8, 8), dtype=np.float32)})[0]
     assert logits.shape == (2, 10)
-
-    from glorocert.train.outputs import finalize
-
-    (out / "card.md").unlink()
-    refreshed = finalize(out)
-    assert "smoothing base model" in (out / "card.md").read_text()
-    assert refreshed.noisy_acc == pytest.approx(float(rows[0]["noisy_acc"]), abs=1e-6)
+    # the final figures (card, checkpoint record) are the last epoch's: same weights, same noise
+    meta = read_checkpoint_metadata(out / "model.safetensors")
+    assert json.loads(meta["noisy_acc"]) == pytest.approx(float(rows[0]["noisy_acc"]), abs=1e-6)
+    assert meta["model_kind"] == "randomized-smoothing base model"
+    assert f"**{100 * float(rows[0]['noisy_acc']):.2f}%**" in card
+    assert not (out / "model.onnx.bound.json").exists()

@@ -1,6 +1,5 @@
 """Shared pieces of the local-bound certifiers (BCP, Wong–Kolter): input checks,
-chain extraction, per-graph caches, linear-op adjoints, the radius bisection
-and a PGD attack used to test them.
+chain extraction, per-graph caches, linear-op adjoints and the radius bisection.
 
 Conventions shared by :mod:`glorocert.certify.bcp` and :mod:`glorocert.certify.kw`:
 
@@ -214,84 +213,7 @@ def bisect_radius(
     return lo
 
 
-# --------------------------------------------------------------------------- attack (for tests and sanity checks)
-
-
-def pgd_pair_margins(
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    predicted: torch.Tensor,
-    eps: float | torch.Tensor,
-    *,
-    norm: str = "l2",
-    steps: int = 100,
-    restarts: int = 4,
-    seed: int = 0,
-) -> torch.Tensor:
-    """Smallest y_ŷ − y_i found by projected gradient descent inside the ε-ball, (N, C).
-
-    One targeted attack per (sample, class), ``restarts`` random starts each
-    (the first starts at x), normalised-gradient steps on a cosine schedule
-    summing to 2.5ε, projected back onto the ball after each step. An *upper*
-    bound on the true minimum: every certified lower bound must stay below it.
-    Entry i = ŷ is +inf. No clipping to [0, 1]: certificates are for the full ball.
-    """
-    x = x.detach().to(torch.float64)
-    n = x.shape[0]
-    with torch.no_grad():
-        classes = forward(x[:1]).shape[1]
-    eps_t = torch.as_tensor(eps, dtype=torch.float64).expand(n).reshape(n)
-    gen = torch.Generator().manual_seed(seed)
-    shape = x.shape[1:]
-    # problems: restart × sample × class
-    xs = x.unsqueeze(0).unsqueeze(2).expand(restarts, n, classes, *shape).reshape(-1, *shape)
-    e = eps_t.view(1, n, 1).expand(restarts, n, classes).reshape(-1)
-    pred = predicted.view(1, n, 1).expand(restarts, n, classes).reshape(-1)
-    target = torch.arange(classes).view(1, 1, classes).expand(restarts, n, classes).reshape(-1)
-    view = (-1,) + (1,) * len(shape)
-
-    def project(delta):
-        if norm == "l2":
-            length = delta.flatten(1).norm(dim=1).clamp_min(1e-300)
-            return delta * torch.clamp(e / length, max=1.0).view(view)
-        return torch.maximum(torch.minimum(delta, e.view(view)), -e.view(view))
-
-    delta = torch.randn(xs.shape, generator=gen, dtype=torch.float64)
-    if norm == "l2":
-        delta = delta / delta.flatten(1).norm(dim=1).view(view) * e.view(view) * torch.rand(
-            xs.shape[0], generator=gen, dtype=torch.float64
-        ).view(view)
-    else:
-        delta = (torch.rand(xs.shape, generator=gen, dtype=torch.float64) * 2 - 1) * e.view(view)
-    delta[: n * classes] = 0.0  # first restart from the clean point
-    best = torch.full((xs.shape[0],), math.inf, dtype=torch.float64)
-    rows = torch.arange(xs.shape[0])
-    for k in range(steps + 1):
-        delta = delta.detach().requires_grad_(True)
-        y = forward(xs + delta)
-        margin = y[rows, pred] - y[rows, target]
-        best = torch.minimum(best, margin.detach())
-        if k == steps:
-            break
-        (grad,) = torch.autograd.grad(margin.sum(), delta)
-        step = 2.5 * e / max(steps, 1) * (1 + math.cos(math.pi * k / steps)) + 1e-12
-        with torch.no_grad():
-            if norm == "l2":
-                g = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-300).view(view)
-                delta = project(delta - step.view(view) * g)
-            else:
-                delta = project(delta - step.view(view) * grad.sign())
-    best = best.view(restarts, n, classes).amin(dim=0)
-    best[torch.arange(n), predicted] = math.inf
-    return best
-
-
-def pgd_margin(forward, x, predicted, eps, **kwargs) -> torch.Tensor:
-    """min over classes of :func:`pgd_pair_margins`: < 0 means an adversarial example was found."""
-    return pgd_pair_margins(forward, x, predicted, eps, **kwargs).amin(dim=1)
-
-
 __all__ = [
     "ROUNDING_SLACK", "BISECTION_TOL", "check_inputs", "chain", "cached", "adjoint",
-    "bisect_radius", "pgd_pair_margins", "pgd_margin",
+    "bisect_radius",
 ]

@@ -22,6 +22,7 @@ that changed the function would otherwise become an unsound certificate.
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -188,8 +189,6 @@ def torch_to_onnx(module, input_shape: tuple[int, ...]):
         warnings.simplefilter("ignore")
         try:
             if isinstance(module, torch.export.ExportedProgram):  # exported as it was saved (its own batch)
-                import logging
-
                 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
                 torch.onnx.export(module, (), buffer, dynamo=True, opset_version=18, verbose=False, optimize=True)
             else:

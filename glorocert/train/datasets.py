@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from glorocert.data import BUILTINS, open_dataset, stratified_split
 from glorocert.errors import GlorocertError
 
 
@@ -49,8 +50,6 @@ def load_training_data(data: str, limit: int | None = None) -> TrainingData:
     ``limit`` keeps only the first ``limit`` training samples (for quick runs);
     the held-out split is never truncated.
     """
-    from glorocert.data import BUILTINS, open_dataset, stratified_split
-
     if data in BUILTINS:
         x_train, y_train = _read_all(open_dataset(data, split="train"))
         x_val, y_val = _read_all(open_dataset(data, split="test"))
