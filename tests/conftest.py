@@ -1,5 +1,5 @@
-"""Shared fixtures: seeded single-threaded tests, small models saved into ``tmp_path``, and a
-conv net trained on sklearn's 8×8 digits. Helper functions and classes live in helpers.py.
+"""Shared fixtures: seeded single-threaded tests, small models saved into ``tmp_path``, a conv net
+trained on sklearn's 8×8 digits, and the CLI tests' workspace of models and data files. Helper functions and classes live in helpers.py.
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from glorocert.api import compute_bound, default_path, load
 from glorocert.data import open_dataset
-from helpers import NUM_CLASSES, make_model, save_as, save_onnx, save_torchscript
+from helpers import NUM_CLASSES, SHAPE, make_model, save_as, save_onnx, save_pickle, save_torchscript
 
 
 @pytest.fixture(autouse=True)
@@ -68,3 +69,49 @@ def trained_digits_model(tmp_path_factory):
     model.eval()
     directory = tmp_path_factory.mktemp("digits-convnet")
     return model, save_onnx(model, directory / "convnet.onnx"), save_torchscript(model, directory / "convnet.pt")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A model directory (ONNX with its bound computed, TorchScript, broken and hostile models) and data files."""
+    root = tmp_path_factory.mktemp("cli")
+    models, data = root / "models", root / "data"
+    models.mkdir()
+    data.mkdir()
+    module = make_model("chain")
+    paths = {
+        "onnx": save_as(module, "onnx", models, "chain"),
+        "torchscript": save_as(module, "torchscript", models, "chain"),
+        "other_onnx": save_as(make_model("chain", seed=1), "onnx", models, "other"),
+        "gelu": save_as(make_model("gelu"), "onnx", models, "gelu"),
+        "pickle": save_pickle(module, models / "pickled.pt"),
+    }
+    corrupt = models / "corrupt.onnx"
+    corrupt.write_bytes(paths["onnx"].read_bytes()[:400])
+    paths["corrupt"] = corrupt
+
+    compute_bound(load(paths["onnx"])).save(default_path(paths["onnx"]))
+    paths["other_bound"] = compute_bound(load(paths["other_onnx"])).save(models / "other.bound.json")
+
+    batch = next(open_dataset("digits", limit=40).batches(1000))
+    x, y = batch.x.astype(np.float32), batch.y.astype(np.int64)
+    np.savez(data / "digits.npz", x=x, y=y)
+    np.save(data / "x.npy", x)
+    np.save(data / "y.npy", y)
+    nan = x.copy()
+    nan[7, 0, 3, 4] = np.nan
+    np.save(data / "nan.npy", nan)
+    np.save(data / "wrong_shape.npy", np.random.default_rng(0).random((10, 1, 9, 9), dtype=np.float32))
+    bad_labels = y.copy()
+    bad_labels[5] = 10
+    np.save(data / "labels_out_of_range.npy", bad_labels)
+    np.save(data / "empty.npy", np.zeros((0, *SHAPE), np.float32))
+    (data / "garbage.npy").write_bytes(b"\x93NUMPY this is not really an array" + bytes(range(256)))
+    return {**paths, "data": data, "root": root}
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    directory = tmp_path / "out"
+    directory.mkdir()
+    return directory

@@ -6,7 +6,6 @@ with its exit-code handling); one subprocess checks the installed script itself.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,59 +19,11 @@ from typer.testing import CliRunner
 
 import glorocert.files
 from glorocert import cli
-from glorocert.api import Normalization, compute_bound, default_path, load, open_dataset
+from glorocert.api import Normalization
 from glorocert.errors import GlorocertError
-from glorocert.lipschitz.boundfile import Bound
 from glorocert.loaders.runners import OrtRunner
-from glorocert.results import read_rows
 from glorocert.studies import compare_rs
-from helpers import SHAPE, make_model, run_main, save_as, save_pickle
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A model directory (ONNX with its bound computed, TorchScript, broken and hostile models) and data files."""
-    root = tmp_path_factory.mktemp("cli")
-    models, data = root / "models", root / "data"
-    models.mkdir()
-    data.mkdir()
-    module = make_model("chain")
-    paths = {
-        "onnx": save_as(module, "onnx", models, "chain"),
-        "torchscript": save_as(module, "torchscript", models, "chain"),
-        "other_onnx": save_as(make_model("chain", seed=1), "onnx", models, "other"),
-        "gelu": save_as(make_model("gelu"), "onnx", models, "gelu"),
-        "pickle": save_pickle(module, models / "pickled.pt"),
-    }
-    corrupt = models / "corrupt.onnx"
-    corrupt.write_bytes(paths["onnx"].read_bytes()[:400])
-    paths["corrupt"] = corrupt
-
-    compute_bound(load(paths["onnx"])).save(default_path(paths["onnx"]))
-    paths["other_bound"] = compute_bound(load(paths["other_onnx"])).save(models / "other.bound.json")
-
-    batch = next(open_dataset("digits", limit=40).batches(1000))
-    x, y = batch.x.astype(np.float32), batch.y.astype(np.int64)
-    np.savez(data / "digits.npz", x=x, y=y)
-    np.save(data / "x.npy", x)
-    np.save(data / "y.npy", y)
-    nan = x.copy()
-    nan[7, 0, 3, 4] = np.nan
-    np.save(data / "nan.npy", nan)
-    np.save(data / "wrong_shape.npy", np.random.default_rng(0).random((10, 1, 9, 9), dtype=np.float32))
-    bad_labels = y.copy()
-    bad_labels[5] = 10
-    np.save(data / "labels_out_of_range.npy", bad_labels)
-    np.save(data / "empty.npy", np.zeros((0, *SHAPE), np.float32))
-    (data / "garbage.npy").write_bytes(b"\x93NUMPY this is not really an array" + bytes(range(256)))
-    return {**paths, "data": data, "root": root}
-
-
-@pytest.fixture
-def out_dir(tmp_path):
-    directory = tmp_path / "out"
-    directory.mkdir()
-    return directory
+from helpers import SHAPE, run_main
 
 
 # --------------------------------------------------------------------------- help
@@ -132,86 +83,6 @@ def test_compare_rs_passes_batch_size_under_both_spellings_and_the_data_normalis
                             spelling, "7", "--mean", "0.5", "--std", "0.25")
     assert code == 2 and "stopped by the test" in err
     assert seen["batch"] == 7 and Normalization.same(seen["normalization"], Normalization((0.5,), (0.25,)))
-
-
-# --------------------------------------------------------------------------- bound
-
-
-def test_bound_on_onnx_writes_the_bound_file_next_to_the_model(monkeypatch, capsys, tmp_path):
-    model = save_as(make_model("residual"), "onnx", tmp_path, "residual")
-    code, out, err = run_main(monkeypatch, capsys, "bound", model)
-    assert code == 0, err
-    bound = Bound.load(default_path(model))
-    assert default_path(model).name == "residual.onnx.bound.json"
-    assert bound.mode == "sound" and bound.model_format == "onnx" and bound.input_shape == list(SHAPE)
-    assert "guaranteed upper bound" in out
-
-
-def test_bound_on_torchscript_needs_and_uses_input_shape(monkeypatch, capsys, tmp_path):
-    model = save_as(make_model("chain"), "torchscript", tmp_path)
-    code, _, err = run_main(monkeypatch, capsys, "bound", model)
-    assert code == 2 and "--input-shape" in err and not default_path(model).exists()
-    code, _, err = run_main(monkeypatch, capsys, "bound", model, "--input-shape", "1,8,8", "--out", tmp_path / "b.json")
-    assert code == 0, err
-    assert Bound.load(tmp_path / "b.json").model_format == "torchscript"
-
-
-def test_bound_in_estimate_mode_says_it_is_not_a_certificate(monkeypatch, capsys, tmp_path):
-    model = save_as(make_model("chain"), "onnx", tmp_path)
-    code, out, _ = run_main(monkeypatch, capsys, "bound", model, "--mode", "estimate")
-    assert code == 0 and "ESTIMATE" in out and Bound.load(default_path(model)).mode == "estimate"
-
-
-# --------------------------------------------------------------------------- certify
-
-
-@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
-def test_certify_writes_rows_summary_and_plot(monkeypatch, capsys, workspace, out_dir, suffix):
-    rows_path, summary_path, plot_path = out_dir / f"rows{suffix}", out_dir / "summary.json", out_dir / "curve.png"
-    code, out, err = run_main(
-        monkeypatch, capsys, "certify", workspace["onnx"], "--data", workspace["data"] / "digits.npz",
-        "--eps", "0.01,0.05", "--out", rows_path, "--summary", summary_path, "--plot", plot_path,
-    )
-    assert code == 0, err
-    rows = read_rows(rows_path)
-    assert len(rows["index"]) == 40
-    assert {"index", "label", "predicted", "radius", "bottom@0.05", "certified@0.01"} <= set(rows)
-    summary = json.loads(summary_path.read_text())
-    assert summary["num_samples"] == 40 and set(summary["vra"]) == {"0.01", "0.05"}
-    assert summary["bound_mode"] == "sound"
-    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "VRA" in out
-
-
-def test_certify_torchscript_with_labels_file(monkeypatch, capsys, workspace, out_dir):
-    code, _, err = run_main(
-        monkeypatch, capsys, "certify", workspace["torchscript"], "--input-shape", "1,8,8",
-        "--data", workspace["data"] / "x.npy", "--labels", workspace["data"] / "y.npy", "--eps", "0.01",
-        "--out", out_dir / "rows.csv", "--bound", out_dir / "absent.json",
-    )
-    assert code == 2 and "no such bound file" in err  # an explicit --bound must exist
-    code, _, err = run_main(
-        monkeypatch, capsys, "certify", workspace["torchscript"], "--input-shape", "1,8,8",
-        "--data", workspace["data"] / "x.npy", "--labels", workspace["data"] / "y.npy", "--eps", "0.01",
-        "--out", out_dir / "rows.csv",
-    )
-    assert code == 0, err
-    assert len(read_rows(out_dir / "rows.csv")["radius"]) == 40
-
-
-def test_fail_under_exits_1_when_vra_is_below(monkeypatch, capsys, workspace, out_dir):
-    code, _, err = run_main(
-        monkeypatch, capsys, "certify", workspace["onnx"], "--data", workspace["data"] / "digits.npz",
-        "--eps", "0.05", "--fail-under", "1.01", "--out", out_dir / "rows.csv",
-    )
-    assert code == 1
-    assert "below --fail-under" in err
-    assert (out_dir / "rows.csv").exists()  # a failed check still reports its results
-    code, _, _ = run_main(
-        monkeypatch, capsys, "certify", workspace["onnx"], "--data", workspace["data"] / "digits.npz",
-        "--eps", "0.05", "--fail-under", "0",
-    )
-    assert code == 0
 
 
 # --------------------------------------------------------------------------- bad input → exit 2, one line
