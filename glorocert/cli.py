@@ -23,7 +23,7 @@ import typer
 from rich.markup import escape
 
 from glorocert import api, files, render, results
-from glorocert.errors import GlorocertError
+from glorocert.errors import GlorocertError, Terminated, interrupt_on_sigterm
 from glorocert.render import err, out
 from glorocert.studies import audit, compare_local, compare_rs, lower_bound
 from glorocert.train import SMOOTHING_METHODS, RobustSettings, SmoothingSettings, TrainConfig, parse_method, run_training
@@ -37,6 +37,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 DEBUG = {"on": False}
+_RUN: dict[str, files.Outputs | None] = {"outputs": None}  # the running command's outputs, for the interrupt message
 
 # options shared by every command that loads a model
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .onnx, TorchScript (.pt), torch.export (.pt2) or a glorocert checkpoint (.safetensors).", show_default=False)]
@@ -95,6 +96,10 @@ class DataOptions:
                     limit=self.limit, layout=self.layout, scale=self.scale, mean=_floats(self.mean, "--mean"),
                     std=_floats(self.std, "--std"))
 
+    def inputs(self) -> list[Path]:
+        """The files the data options name (a built-in dataset's name is no file), so that no output overwrites them."""
+        return [Path(p) for p in (self.data, self.labels) if p is not None and str(p) not in api.BUILTINS]
+
     def open(self, model: api.Model) -> api.Dataset:
         """The dataset, for ``model``'s input shape."""
         options = self.parsed()
@@ -148,14 +153,16 @@ def bound_command(
 
     Example: glorocert bound models/mnist-5k-eps0.3/model.onnx
     """
-    results.check_output_path(out_path, (".json",))
+    outputs = _outputs(model)
+    target = outputs.add(out_path or api.default_path(model), "--out", (".json",))
     loaded = _load(model, input_shape, trust_pickle, device)
     normalization = api.Normalization.of(_floats(mean, "--mean"), _floats(std, "--std"))
     with render.progress_bar() as progress:
         task = progress.add_task("bounding", total=len(loaded.graph.nodes))
         bound = api.compute_bound(loaded, mode=mode, tol=tol, max_iter=max_iter, exact_side=exact_side, normalization=normalization,
                                   progress=render.bound_progress(progress, task, loaded.graph))
-    path = bound.save(out_path or api.default_path(model))  # atomic: Ctrl-C leaves no half-written bound
+    with outputs.publishing():
+        path = bound.save(target)
     out.print(render.bound_table(model.name, bound))
     out.print(render.bound_lines(bound, path))
     if lower:
@@ -189,20 +196,23 @@ def certify_command(
     Example: glorocert certify models/mnist-5k-eps0.3/model.onnx --data mnist-5k --eps 0.3,1.0 --out rows.csv --plot curve.png
     """
     eps_values = _floats(eps, "--eps")
-    for path, formats in ((out_path, results.ROW_FORMATS), (summary_path, (".json",)), (plot, results.PLOT_FORMATS)):
-        results.check_output_path(path, formats)
+    outputs = _outputs(model, api.default_path(model), bound_path, *data_options.inputs())
+    outputs.add(out_path, "--out", results.ROW_FORMATS)
+    outputs.add(summary_path, "--summary", (".json",))
+    outputs.add(plot, "--plot", results.PLOT_FORMATS)
     loaded = _load(model, input_shape, trust_pickle, device)
     dataset = data_options.open(loaded)
     with render.progress_bar() as progress:
         task = progress.add_task("certifying", total=dataset.num_samples)
         result = api.certify(loaded, dataset, eps_values, bound=bound_path, batch_size=batch_size, method=method,
                              fallback=fallback, progress=lambda n: progress.advance(task, n))
-    if out_path:
-        results.write_rows(out_path, result.rows, api.ROWS_SCHEMA_VERSION)
-    if summary_path:
-        files.write_json(summary_path, result.summary)
-    if plot:
-        result.plot(plot)
+    with outputs.publishing():  # all or nothing
+        if out_path:
+            results.write_rows(out_path, result.rows, api.ROWS_SCHEMA_VERSION)
+        if summary_path:
+            files.write_json(summary_path, result.summary)
+        if plot:
+            result.plot(plot)
     s = result.summary
     out.print(render.summary_table(s, f"{model.name} on {s['dataset']}"))
     out.print(render.certify_line(s))
@@ -244,18 +254,22 @@ def compare_rs_command(
     """
     if resume and out_dir is None:
         raise GlorocertError("--resume needs --out DIR (where the interrupted run wrote its rows)")
-    results.check_output_path(plot, results.PLOT_FORMATS)
+    outputs = _outputs(gloro_model, base, api.default_path(gloro_model), *data_options.inputs())
+    outputs.add_directory(out_dir, "--out", compare_rs.RESULT_FILES)
+    outputs.add(plot, "--plot", results.PLOT_FORMATS)
     gloro_loaded = _load(gloro_model, input_shape, trust_pickle, device)
     base_loaded = _load(base, input_shape, trust_pickle, device) if base else gloro_loaded
     dataset = data_options.open(gloro_loaded)
-    with render.progress_bar(transient=False) as progress:
-        total = -(-dataset.num_samples // skip)
+    if out_dir is not None:
+        outputs.kept.append(f"the finished smoothing rows in {out_dir / compare_rs.SMOOTHING_ROWS}: rerun with --resume to continue")
+    with render.progress_bar(transient=False) as progress, outputs.publishing():
+        total = -(-dataset.num_samples // max(skip, 1))
         tasks = {"gloro": progress.add_task("GloRo certify", total=total), "smoothing": progress.add_task(f"smoothing n={n}", total=total)}
         result = compare_rs.compare_rs(gloro_loaded, base_loaded, dataset, sigma=sigma, n0=n0, n=n, alpha=alpha,
                                        batch=batch_size if batch is None else batch, skip=skip, seed=seed, out_dir=out_dir,
                                        resume=resume, progress=lambda what, k: progress.advance(tasks[what], k))
-    if plot:
-        compare_rs.plot_comparison(result, plot)
+        if plot:
+            compare_rs.plot_comparison(result, plot)
     out.print(render.compare_rs_table(result))
     out.print(render.compare_rs_line(result.summary))
 
@@ -284,7 +298,8 @@ def compare_local_command(
 
     Example: glorocert compare-local model.onnx --data mnist-5k --limit 1000 --eps 0.3 --kw-limit 100 --json out/local.json
     """
-    results.check_output_path(json_path, (".json",))
+    outputs = _outputs(model, bound_path, *data_options.inputs())
+    outputs.add(json_path, "--json", (".json",))
     source = compare_local.Source(model=str(model), **data_options.parsed(), input_shape=api.parse_shape(input_shape),
                                   trust_pickle=trust_pickle, device=device)
     with err.status(f"loading {model} and {data_options.data}, checking the converted graph, resolving the bound…") as status:
@@ -296,7 +311,8 @@ def compare_local_command(
     for message in report["notes"]:
         err.print(render.note(message))
     if json_path:
-        files.write_json(json_path, report)  # atomic: Ctrl-C leaves no half-written report
+        with outputs.publishing():
+            files.write_json(json_path, report)
     out.print(render.compare_local_table(report))
     out.print(render.compare_local_line(report, json_path))
     if not compare_local.succeeded(report):
@@ -326,9 +342,11 @@ def audit_command(
 
     Example: glorocert audit models/mnist-5k-eps0.3/model.onnx --data mnist-5k --limit 200 --out out/audit
     """
+    outputs = _outputs(model, bound_path, api.default_path(model), *data_options.inputs())
+    outputs.add_directory(out_dir, "--out", ("audit.json",))
     loaded = _load(model, input_shape, trust_pickle, device)
     dataset = data_options.open(loaded)
-    with render.progress_bar() as progress:
+    with render.progress_bar() as progress, outputs.publishing():
         task = progress.add_task("attacking certified samples", total=dataset.num_samples)
         result = audit.audit(loaded, dataset, bound=bound_path, steps=steps, restarts=restarts, seed=seed, out_dir=out_dir,
                              progress=lambda k: progress.advance(task, k))
@@ -358,11 +376,14 @@ def export_command(
         raise GlorocertError("only --gloro export is supported")
     if model.suffix.lower() != ".onnx" or out_path.suffix.lower() != ".onnx":
         raise GlorocertError("export reads and writes .onnx files")
+    outputs = _outputs(model, bound_path, api.default_path(model))
+    outputs.add(out_path, "OUT_PATH", (".onnx",))
     loaded = _load(model, None, False, device)
     bound, source = api.resolve_bound(loaded, bound_path, None)
     if bound.mode != "sound":
         err.print("[yellow]warning:[/] the bound is an ESTIMATE; the exported ⊥ logit certifies nothing")
-    path = api.export_gloro_onnx(model, bound.margin_matrix, eps, out_path, rounding_rtol=loaded.rounding_rtol)
+    with outputs.publishing():
+        path = api.export_gloro_onnx(model, bound.margin_matrix, eps, out_path, rounding_rtol=loaded.rounding_rtol)
     out.print(render.export_line(path, loaded.num_classes, eps, source, bound.mode))
 
 
@@ -427,7 +448,9 @@ def train(
 
 
 def main() -> None:
-    """Entry point: one handler turns user errors into a one-line message and exit code 2."""
+    """Entry point: one handler turns user errors into a one-line message and exit code 2, and Ctrl-C or
+    SIGTERM into 130 or 143 with a line that says exactly what the run kept."""
+    interrupt_on_sigterm()
     try:
         code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising it here
     except GlorocertError as e:
@@ -435,22 +458,37 @@ def main() -> None:
             raise
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err.print("interrupted; no partial output was written")
-        sys.exit(130)
+    except (KeyboardInterrupt, typer.Abort) as e:
+        sys.exit(_interrupted(e))
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
     except Exception as e:  # usage errors (typer's own click) arrive here in standalone_mode=False
         if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
         raise
     if code == 130:  # typer turns Ctrl-C into Exit(130) inside app()
-        err.print("interrupted; no partial output was written")
+        code = _interrupted(None)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _outputs(*inputs: Path | str | None) -> files.Outputs:
+    """This command's outputs, to be checked against ``inputs``; main() says what an interrupted run kept."""
+    _RUN["outputs"] = files.Outputs(inputs)
+    return _RUN["outputs"]
+
+
+def _interrupted(error: BaseException | None) -> int:
+    """Say what an interrupted run left behind; the exit code (130 Ctrl-C, 143 SIGTERM)."""
+    terminated = any(isinstance(e, Terminated) for e in (error, getattr(error, "__cause__", None), getattr(error, "__context__", None)))
+    outputs = _RUN["outputs"]
+    written = [str(p) for p in outputs.published] if outputs else []
+    kept = list(outputs.kept) if outputs else []
+    what = "terminated (SIGTERM)" if terminated else "interrupted"
+    said = [f"already complete: {', '.join(written)}"] if written else []
+    said += [f"kept {k}" for k in kept]
+    err.print(f"{what}; " + ("; ".join(said) if said else "no output was written"), highlight=False, soft_wrap=True)
+    return Terminated.exit_code if terminated else 130
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""The one exception type users see.
+"""The one exception type users see, and the interruptions (Ctrl-C, SIGTERM) every command handles alike.
 
 Every user mistake or bad input (unreadable file, unsupported operator, NaN
 pixels, stale bound …) raises :class:`GlorocertError` with a one-line message
 that says what is wrong and what to do. The CLI turns it into exit code 2
 without a traceback; anything else is a bug and keeps its traceback.
 """
+
+import signal
 
 
 class GlorocertError(Exception):
@@ -20,3 +22,18 @@ class UnsupportedOperator(GlorocertError):
         self.op, self.node = op, node
         msg = f"unsupported operator {op!r} at node {node!r}"
         super().__init__(msg + (f": {hint}" if hint else ""))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, container stops and CI cancellation send), handled exactly as Ctrl-C is."""
+
+    exit_code = 143
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def interrupt_on_sigterm() -> None:
+    """From now on SIGTERM raises :class:`Terminated` in the main thread, so every clean-up that Ctrl-C runs runs too."""
+    signal.signal(signal.SIGTERM, _raise_terminated)

@@ -28,7 +28,8 @@ from glorocert.files import jsonable, write_json
 from glorocert.results import certified_accuracy_curve, plot_curves, write_rows
 
 DEFAULT_GRID = tuple(np.round(np.arange(0.0, 2.01, 0.25), 2))
-SMOOTHING_ROWS = "smoothing-rows.jsonl"
+SMOOTHING_ROWS = "smoothing-rows.jsonl"  # appended as rows finish: the resume state
+RESULT_FILES = ("gloro-rows.csv", "smoothing-rows.csv", "summary.json")  # published together at the end
 
 
 class EveryKth:
@@ -175,9 +176,10 @@ def _smoothing_rows(smooth, subset: EveryKth, rows_path: Path | None, resume: bo
 def _write_outputs(out_dir: Path, gloro_rows: dict, smoothing_rows: dict, summary: dict) -> None:
     gloro_out = {k: v for k, v in gloro_rows.items() if "@" not in k}
     gloro_out["bottom"] = gloro_rows["radius"] <= 0
-    write_rows(out_dir / "gloro-rows.csv", gloro_out, ROWS_SCHEMA_VERSION)
-    write_rows(out_dir / "smoothing-rows.csv", smoothing_rows, ROWS_SCHEMA_VERSION)
-    write_json(out_dir / "summary.json", summary)
+    gloro_path, smoothing_path, summary_path = (out_dir / name for name in RESULT_FILES)
+    write_rows(gloro_path, gloro_out, ROWS_SCHEMA_VERSION)
+    write_rows(smoothing_path, smoothing_rows, ROWS_SCHEMA_VERSION)
+    write_json(summary_path, summary)
 
 
 def plot_comparison(result: Comparison, path: Path) -> None:
