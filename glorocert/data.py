@@ -33,7 +33,9 @@ digits per class; for ``digits`` 1,438 train / 359 test.
 Files: ``.npy`` (labels from ``labels=`` another ``.npy``/``.npz``),
 ``.npz`` (arrays ``x_key``/``y_key``), ``.csv`` (optional header; a first
 column named ``label`` or ``y`` holds labels) and image folders (one
-subfolder per class; sorted subfolder names are the class ids). Data files
+subfolder per class: folders named by non-negative integers are labelled
+with those integers, others with their positions in sorted order, the
+mapping then being one of the dataset's :attr:`Dataset.notes`). Data files
 are never unpickled. ``.npy`` inputs are memory-mapped and ``.csv`` files and
 image folders are read one batch at a time, so a dataset larger than memory
 is never loaded whole; NaN/inf pixels are therefore reported when the batch
@@ -42,6 +44,7 @@ holding them is produced, naming the file and the row.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import math
 import os
@@ -86,18 +89,19 @@ class _Source:
     dtype: np.dtype
     labels: np.ndarray | None = None
     forced_layout: str | None = None  # image folders know their layout
+    notes: list[str]  # what the user should know about how the file was read (Dataset.notes)
+    label_hint: str | None = None  # a headerless CSV whose first column looks like labels: how to mark it
 
     def chunks(self, start: int, stop: int, size: int) -> Iterator[np.ndarray]:
         """Raw rows ``[start, stop)`` as consecutive arrays of ``size`` rows (the last may be shorter)."""
         raise NotImplementedError
 
-    def maximum(self) -> float:
-        """Largest finite-or-inf pixel value (NaN ignored), for ``scale='auto'`` on float data."""
-        result = -math.inf
+    def above_one(self) -> bool:
+        """Whether any pixel exceeds 1 (NaN ignored), for ``scale='auto'``; stops at the first chunk that does."""
         for chunk in self.chunks(0, self.length, max(1, _SCAN_ELEMENTS // max(1, math.prod(self.raw_shape)))):
-            if chunk.size:
-                result = max(result, float(np.fmax.reduce(chunk, axis=None)))
-        return result
+            if chunk.size and float(np.fmax.reduce(chunk, axis=None)) > 1:
+                return True
+        return False
 
     def row(self, i: int) -> str:
         return f"row {i}"
@@ -107,7 +111,7 @@ class _ArraySource(_Source):
     """An in-memory array or a read-only memmap; batches are slices (a memmap is read lazily)."""
 
     def __init__(self, array: np.ndarray, where: str, labels: np.ndarray | None = None):
-        self.array, self.where, self.labels = array, where, labels
+        self.array, self.where, self.labels, self.notes = array, where, labels, []
         self.length, self.raw_shape, self.dtype = len(array), tuple(array.shape[1:]), array.dtype
 
     def chunks(self, start: int, stop: int, size: int) -> Iterator[np.ndarray]:
@@ -121,7 +125,7 @@ class _CsvSource(_Source):
     def __init__(self, path: Path):
         import pyarrow as pa
 
-        self.path, self.where, self.dtype = path, str(path), np.dtype(np.float64)
+        self.path, self.where, self.dtype, self.notes = path, str(path), np.dtype(np.float64), []
         first = _first_line(path)
         tokens = [t.strip().strip('"') for t in first.split(",")]
         self.header = not all(_is_number(t) for t in tokens)
@@ -135,15 +139,23 @@ class _CsvSource(_Source):
         if pixels == 0:
             raise GlorocertError(f"{path}: no pixel columns (only {first!r}); give rows of pixel values after an optional 'label' column")
         self.raw_shape = (pixels,)
-        count, labels, self._max = 0, [], -math.inf
+        count, labels, self._max, first_column = 0, [], -math.inf, _FirstColumn()
         for block in self._blocks():
             count += len(block)
             if self.label_column:
                 labels.append(block[:, 0])
             if block.shape[0]:
                 self._max = max(self._max, float(np.fmax.reduce(block[:, self.label_column :], axis=None)))
+                if not self.header:
+                    first_column.add(block)
         self.length = count
         self.labels = (np.concatenate(labels) if labels else np.zeros(0)) if self.label_column else None
+        if not self.header and first_column.looks_like_labels(len(self.names)):
+            self.label_hint = (f"{path} has no header, so its first column is read as a pixel, but it looks like integer "
+                               f"class ids ({first_column.describe()}); if it holds the labels, add a header line whose "
+                               "first column is named label, e.g. label," + ",".join(f"p{i}" for i in range(1, min(4, pixels)))
+                               + (",…" if pixels > 3 else ""))
+            self.notes.append(self.label_hint)
 
     def _blocks(self) -> Iterator[np.ndarray]:
         import pyarrow as pa
@@ -155,35 +167,80 @@ class _CsvSource(_Source):
             for batch in reader:
                 yield np.column_stack([c.to_numpy(zero_copy_only=False) for c in batch.columns]).astype(np.float64)
         except (pa.ArrowInvalid, OSError) as e:
+            ragged = _ragged_line(self.path, len(self.names)) if "columns" in str(e) else None
+            if ragged is not None:
+                line, values = ragged
+                first = "line 1 (the header)" if self.header else "line 1"
+                raise GlorocertError(f"{self.path}: line {line} has {values} values but {first} has {len(self.names)}; "
+                                     "every row needs the same number of values (an optional label, then one per pixel)") from e
             raise GlorocertError(f"cannot read CSV {self.path}: {e}; cells must be numbers") from e
 
     def chunks(self, start: int, stop: int, size: int) -> Iterator[np.ndarray]:
         pixels = (block[:, self.label_column :] for block in self._blocks())
         return _rebatch(pixels, start, stop - start, size)
 
-    def maximum(self) -> float:
-        return self._max
+    def above_one(self) -> bool:
+        return self._max > 1
 
     def row(self, i: int) -> str:
         return f"row {i} (line {i + 1 + self.header})"
+
+
+class _FirstColumn:
+    """What a headerless CSV's first column holds, gathered in the open-time pass: does it look like class ids?"""
+
+    MAX_DISTINCT = 100  # class ids take few values; more than this and the column is taken for pixels
+
+    def __init__(self):
+        self.integral, self.values, self.rest_max = True, set(), -math.inf
+
+    def add(self, block: np.ndarray) -> None:
+        column = block[:, 0]
+        self.integral = self.integral and bool(np.all((column >= 0) & (column == np.round(column))))
+        if self.integral and len(self.values) <= self.MAX_DISTINCT:
+            self.values.update(np.unique(column).tolist())
+        if block.shape[1] > 1:
+            self.rest_max = max(self.rest_max, float(np.fmax.reduce(block[:, 1:], axis=None)))
+
+    def looks_like_labels(self, columns: int) -> bool:
+        """Integer ids ≥ 0 taking 2..100 values, and either the other columns make a square image while all of
+        them do not (1 + 28·28 = 785), or the ids stay below the other columns' pixel values (labels 0..9, pixels 0..255)."""
+        if not self.integral or not 2 <= len(self.values) <= self.MAX_DISTINCT or columns < 2:
+            return False
+        square = math.isqrt(columns - 1) ** 2 == columns - 1 and math.isqrt(columns) ** 2 != columns
+        return square or max(self.values) < self.rest_max
+
+    def describe(self) -> str:
+        return f"{len(self.values)} distinct integers from {min(self.values):g} to {max(self.values):g}"
+
+
+def _ragged_line(path: Path, expected: int) -> tuple[int, int] | None:
+    """The first non-empty line of a CSV with other than ``expected`` values: (1-based line number, its count)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                if row and len(row) != expected:
+                    return reader.line_num, len(row)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return None
 
 
 class _ImageFolderSource(_Source):
     """One subfolder per class; images are opened only when their batch is produced."""
 
     def __init__(self, root: Path):
-        self.where = str(root)
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if not classes:
-            raise GlorocertError(f"{root}: image folder has no class subfolders; expected {root}/<class>/<image>.png")
+        self.where, self.notes = str(root), []
+        classes = _class_ids(root, [d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")], self.notes)
         files, labels = [], []
-        for label, name in enumerate(classes):
+        for name, label in classes.items():
             for f in sorted((root / name).iterdir()):
                 if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
                     files.append(f)
                     labels.append(label)
         if not files:
-            raise GlorocertError(f"{root}: no PNG/JPEG images in its class subfolders {classes}")
+            raise GlorocertError(f"{root}: no PNG/JPEG images in its class subfolders {list(classes)}")
         self.files, self.labels, self.length = files, np.asarray(labels, dtype=np.int64), len(files)
         first = self._open(files[0], None)
         self.mode, self.size = first.mode, first.size
@@ -220,6 +277,22 @@ class _ImageFolderSource(_Source):
         return f"row {i} ({self.files[i]})"
 
 
+def _class_ids(root: Path, names: list[str], notes: list[str]) -> dict[str, int]:
+    """Each class folder's label, in the order its images are read: the folder's own number when every folder is
+    named by a distinct non-negative integer (``3/ 5/ 7/`` → 3, 5, 7), else its position in sorted order (noted)."""
+    if not names:
+        raise GlorocertError(f"{root}: image folder has no class subfolders; expected {root}/<class>/<image>.png")
+    if all(n.isascii() and n.isdigit() for n in names) and len({int(n) for n in names}) == len(names):
+        return {n: int(n) for n in sorted(names, key=int)}
+    classes = {n: k for k, n in enumerate(sorted(names))}
+    shown = [f"{n} → {k}" for n, k in classes.items()]
+    more = f", … ({len(shown) - 30} more)" if len(shown) > 30 else ""
+    notes.append(f"{root}: class folders are not all named by integer class ids, so each folder's label is its position "
+                 f"in sorted order: {', '.join(shown[:30])}{more}; name the folders 0, 1, … by the model's class ids "
+                 "to choose the labels")
+    return classes
+
+
 @dataclass
 class Dataset:
     """A window of samples from one source, streamed in batches (see :func:`open_dataset`)."""
@@ -230,6 +303,7 @@ class Dataset:
     num_classes: int | None
     has_labels: bool
     normalization: Normalization | None  # applied by the certifier, folded into the bound
+    notes: list[str] = field(default_factory=list, compare=False)  # how the data was read (scaling, labels): show them
     _source: _Source | None = field(default=None, repr=False, compare=False)
     _convert: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False, compare=False)
     _start: int = field(default=0, repr=False)
@@ -297,7 +371,11 @@ def open_dataset(
     ``split`` selects train/test of a built-in (files are used whole);
     ``layout`` says whether 4-D arrays are NCHW or NHWC (``auto``: NHWC when
     the last axis has 1 or 3 entries and the first per-sample axis does not);
-    ``scale='auto'`` divides by 255 when the pixels are integers or exceed 1.
+    ``scale='auto'`` divides by 255 when some pixel exceeds 1 (integer pixels
+    that are all 0 or 1 are used as they are; 8-bit images are always divided
+    by 255), and says what it did in :attr:`Dataset.notes`, beside the other
+    things the user should see (an image folder's labels, a likely label
+    column in a headerless CSV, an npz without labels).
     ``start``/``limit`` select a contiguous window; batch indices count from
     the beginning of the source, so a window can be resumed or merged.
     """
@@ -326,6 +404,7 @@ def open_dataset(
         num_classes=num_classes,
         has_labels=source.labels is not None,
         normalization=_per_channel(mean, std, channels),
+        notes=list(source.notes),
         _source=source,
         _convert=convert,
         _start=start,
@@ -352,7 +431,9 @@ def _open_source(text: str, split: str, labels, scale: str, x_key: str, y_key: s
     source = _open_file(path, labels, x_key, y_key)
     if source.dtype.kind not in "uif":
         raise GlorocertError(f"{source.where}: inputs have dtype {source.dtype}; expected numeric pixel values")
-    divisor = _divisor(source, scale)
+    divisor, note = _divisor(source, scale)
+    if note:
+        source.notes.insert(0, note)
     num_classes = None
     if source.labels is not None:
         source.labels = _check_labels(source.labels, source, source.length)
@@ -450,10 +531,7 @@ def _open_file(path: Path, labels: str | os.PathLike | None, x_key: str, y_key: 
     elif suffix == ".npy":
         source = _ArraySource(_load_npy(path), str(path))
     elif suffix == ".npz":
-        archive = _load_npz(path)
-        if x_key not in archive:
-            raise GlorocertError(f"{path} has no array {x_key!r} (it has {', '.join(archive) or 'none'}); pass the right x_key")
-        source = _ArraySource(_npz_array(archive, x_key, path), str(path), _npz_array(archive, y_key, path) if y_key in archive else None)
+        source = _npz_source(path, x_key, y_key, labelled_elsewhere=labels is not None)
     elif suffix == ".csv":
         source = _CsvSource(path)
     else:
@@ -467,11 +545,28 @@ def _open_file(path: Path, labels: str | os.PathLike | None, x_key: str, y_key: 
         if lpath.suffix.lower() == ".npz":
             archive = _load_npz(lpath)
             if y_key not in archive:
-                raise GlorocertError(f"{lpath} has no array {y_key!r} (it has {', '.join(archive) or 'none'}); pass the right y_key")
+                raise GlorocertError(f"{lpath} has no array {y_key!r} (it holds: {', '.join(archive.files) or 'none'}); re-save the "
+                                     f"labels as {y_key}, e.g. numpy.savez({lpath.name!r}, {y_key}=labels), or alone with numpy.save as a .npy")
             source.labels = _npz_array(archive, y_key, lpath)
         else:
             source.labels = np.asarray(_load_npy(lpath))
         source.where = f"{path} (labels {lpath})"
+    return source
+
+
+def _npz_source(path: Path, x_key: str, y_key: str, labelled_elsewhere: bool) -> _ArraySource:
+    """The images of an npz (``x_key``) and its labels (``y_key``, if present; if not, a note names the other arrays)."""
+    archive = _load_npz(path)
+    held = ", ".join(archive.files) or "no arrays"
+    if x_key not in archive:
+        raise GlorocertError(f"{path} has no array {x_key!r} (it holds: {held}); glorocert reads the images from an array named "
+                             f"{x_key!r} and their labels from {y_key!r}: re-save it, e.g. numpy.savez({path.name!r}, "
+                             f"{x_key}=images, {y_key}=labels)")
+    source = _ArraySource(_npz_array(archive, x_key, path), str(path), _npz_array(archive, y_key, path) if y_key in archive else None)
+    others = [name for name in archive.files if name != x_key]
+    if source.labels is None and others and not labelled_elsewhere:
+        source.notes.append(f"{path} has no array {y_key!r}, so its samples are unlabelled (it also holds: {', '.join(others)}); "
+                            f"to measure accuracy, re-save the labels as {y_key}")
     return source
 
 
@@ -558,14 +653,19 @@ def _rebatch(chunks: Iterable[np.ndarray], skip: int, count: int, size: int) -> 
 # --------------------------------------------------------------------------- validation and conversion
 
 
-def _divisor(source: _Source, scale: str) -> float:
-    if scale == "255":
-        return 255.0
-    if scale == "none":
-        return 1.0
+def _divisor(source: _Source, scale: str) -> tuple[float, str | None]:
+    """The pixel divisor of a file, and for ``scale='auto'`` a note saying what was chosen and why (none for float
+    pixels already within [0, 1], which are left as they are)."""
+    if scale in ("255", "none"):
+        return (255.0 if scale == "255" else 1.0), None
+    if isinstance(source, _ImageFolderSource):
+        return 255.0, None  # 8-bit images: 0..255 by definition; not opened twice to look
+    if source.above_one():
+        return 255.0, f"{source.where}: pixel values go above 1, so they are read as 0..255 and divided by 255 (--scale auto)"
     if source.dtype.kind in "ui":
-        return 255.0
-    return 255.0 if source.maximum() > 1 else 1.0
+        return 1.0, (f"{source.where}: integer pixels, all 0 or 1 (binarised?), used as they are, not divided by 255 "
+                     "(--scale auto); pass --scale 255 if they are 0..255 intensities")
+    return 1.0, None  # float pixels within [0, 1]: nothing was done to them, nothing to say
 
 
 def _layout(source: _Source, layout: str, input_shape: tuple[int, ...] | None, divisor: float):
@@ -586,7 +686,8 @@ def _layout(source: _Source, layout: str, input_shape: tuple[int, ...] | None, d
     if input_shape is not None:
         input_shape = tuple(int(d) for d in input_shape)
         if math.prod(input_shape) != math.prod(shape):
-            raise GlorocertError(f"{source.where}: samples have {math.prod(shape)} values, input shape {input_shape} needs {math.prod(input_shape)}")
+            hint = f"; {source.label_hint}" if source.label_hint else ""
+            raise GlorocertError(f"{source.where}: samples have {math.prod(shape)} values, input shape {input_shape} needs {math.prod(input_shape)}{hint}")
         shape = input_shape
     shape = tuple(int(d) for d in shape)
 

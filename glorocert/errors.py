@@ -28,10 +28,23 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what `timeout`, container stops and CI cancellation send), handled exactly as Ctrl-C is."""
 
     exit_code = 143
+    received = False  # set by the handler: libraries (typer) may replace the exception on its way up
 
 
 def _raise_terminated(signum, frame) -> None:
+    Terminated.received = True
     raise Terminated()
+
+
+def caused_by_interrupt(error: BaseException) -> bool:
+    """Whether ``error`` was raised because Ctrl-C or SIGTERM arrived (it has a KeyboardInterrupt in its chain)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def interrupt_on_sigterm() -> None:

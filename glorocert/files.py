@@ -149,13 +149,17 @@ class Outputs:
         self.directories[_key(path)] = option
         for name in names:
             self._check_new(path / name, option)
+            self.files[_key(path / name)] = option
         return path
 
     def _check_new(self, path: Path, option: str) -> None:
         key = _key(path)
-        for other, name in {**self.files, **self.directories}.items():
-            if key == other:
-                raise GlorocertError(f"{option} {path} is also given as {name}; give each output its own path")
+        declared = {**self.files, **self.directories}
+        if key in declared:
+            raise GlorocertError(f"{option} {path} is also given as {declared[key]}; give each output its own path")
+        for other, name in self.files.items():
+            if other in key.parents or key in other.parents:
+                raise GlorocertError(f"{option} {path} and {name} {other} lie inside one another; give each output its own path")
         for source in self.inputs:
             if key == _key(source) or (path.exists() and source.exists() and os.path.samefile(path, source)):
                 raise GlorocertError(f"{option} {path} would overwrite the input {source}; choose another path")
@@ -176,7 +180,10 @@ class Outputs:
             with _signals_held():  # Ctrl-C or SIGTERM now would split the set: it waits until all are in place
                 while self.staged:
                     tmp, target = self.staged[0]
-                    os.replace(tmp, target)
+                    try:
+                        os.replace(tmp, target)
+                    except OSError as e:
+                        raise GlorocertError(f"cannot write {target}: {e.strerror or e}") from e
                     self.staged.pop(0)
                     self.published.append(target)
         finally:

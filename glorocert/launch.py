@@ -10,16 +10,18 @@ from __future__ import annotations
 import importlib
 import sys
 
-from glorocert.errors import Terminated, interrupt_on_sigterm
+from glorocert.errors import Terminated, caused_by_interrupt, interrupt_on_sigterm
 
 
 def main() -> None:
     interrupt_on_sigterm()
     try:
         cli = importlib.import_module("glorocert.cli")  # the heavy imports (torch, onnx) happen here
-    except KeyboardInterrupt as e:
-        sys.stderr.write("interrupted during start-up; nothing was written\n")
-        sys.exit(Terminated.exit_code if isinstance(e, Terminated) else 130)
+    except BaseException as e:  # an extension may wrap the interrupt in an ImportError
+        if not caused_by_interrupt(e):
+            raise
+        sys.stderr.write(("terminated (SIGTERM)" if Terminated.received else "interrupted") + " during start-up; nothing was written\n")
+        sys.exit(Terminated.exit_code if Terminated.received else 130)
     cli.main()
 
 

@@ -95,19 +95,23 @@ def looseness_line(found: Mapping[str, float]) -> str:
 
 
 def summary_table(summary: Mapping[str, Any], title: str) -> Table:
-    """The headline numbers of a certify summary: bound mode, samples, clean accuracy, VRA and ⊥ rate per ε, ACR."""
+    """The headline numbers of a certify summary: bound mode, samples, clean accuracy, VRA and ⊥ rate per ε, ACR.
+
+    For unlabelled data (``vra`` None, see :func:`glorocert.results.summarize`) the rows say "certified
+    (unlabelled)" and "average radius (unlabelled)": the fraction of predictions certified, right or wrong."""
     table = _metric_table(title)
     mode = summary.get("bound_mode")
     if mode is not None:
         table.add_row("bound", "[bold red]ESTIMATE (not a sound bound)[/]" if mode == "estimate" else str(mode))
     table.add_row("samples", str(summary.get("num_samples", "n/a")))
-    table.add_row("clean accuracy", _percent(summary.get("clean_accuracy")))
-    for key, value in summary.get("vra", {}).items():
-        table.add_row(f"VRA @ ε={key}", _percent(value))
+    unlabelled = summary.get("vra") is None and "certified_rate" in summary  # no labels: no accuracy, only rates
+    table.add_row("clean accuracy", "n/a (no labels)" if unlabelled else _percent(summary.get("clean_accuracy")))
+    for key, value in (summary.get("certified_rate") if unlabelled else summary.get("vra") or {}).items():
+        table.add_row(f"certified (unlabelled) @ ε={key}" if unlabelled else f"VRA @ ε={key}", _percent(value))
     for key, value in summary.get("bottom_rate", {}).items():
         table.add_row(f"⊥ rate @ ε={key}", _percent(value))
-    acr = summary.get("average_certified_radius")
-    table.add_row("average certified radius", "n/a" if acr is None else f"{acr:.4f}")
+    acr = summary.get("average_radius" if unlabelled else "average_certified_radius")
+    table.add_row("average radius (unlabelled)" if unlabelled else "average certified radius", "n/a" if acr is None else f"{acr:.4f}")
     return table
 
 

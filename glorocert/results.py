@@ -178,10 +178,19 @@ def certified_accuracy_curve(radius: np.ndarray, correct: np.ndarray, grid: np.n
 def summarize(columns: Mapping[str, np.ndarray], eps: Sequence[float], radius_grid: Sequence[float] | None = None) -> dict:
     """Clean accuracy, VRA and ⊥ rate per eps, average certified radius and the certified-accuracy curve.
 
-    Samples with an unknown label (``label == -1``) count as "correct" for
-    VRA, the average radius and the curve, so that unlabelled data reports
-    the fraction of predictions that are certified; ``clean_accuracy`` is
-    over labelled samples only, and None when there are none.
+    Labelled data (some ``label >= 0``): samples with an unknown label
+    (``label == -1``; :func:`glorocert.data.open_dataset` never mixes them
+    with known ones) count as "correct" for VRA, the average radius and the
+    curve; ``clean_accuracy`` is over labelled samples only.
+
+    Unlabelled data (no label known): nothing can be called accuracy, so
+    ``clean_accuracy``, ``vra``, ``average_certified_radius`` and
+    ``certified_accuracy`` are None, and the same figures over every
+    prediction, right or wrong, come under names that say so:
+    ``certified_rate`` (per eps, the fraction of samples not ⊥),
+    ``average_radius`` (the mean certified radius of the predictions) and
+    ``certified_rate_curve`` (``{"radius", "rate"}`` points: the fraction of
+    samples certified strictly beyond each radius).
     """
     predicted = np.asarray(columns["predicted"])
     n = len(predicted)
@@ -193,24 +202,41 @@ def summarize(columns: Mapping[str, np.ndarray], eps: Sequence[float], radius_gr
     keys = [eps_key(e) for e in eps]
     if len(set(keys)) != len(keys):
         raise GlorocertError(f"eps values {list(eps)} are not distinct at 6 significant digits; drop the near-duplicates")
-    vra, bottom_rate = {}, {}
-    for key in keys:
-        bottom = np.asarray(columns[f"bottom@{key}"], dtype=bool)
-        certified = np.asarray(columns[f"certified@{key}"], dtype=bool) if f"certified@{key}" in columns else counts & ~bottom
-        vra[key] = _mean(certified)
-        bottom_rate[key] = _mean(bottom)
+    bottoms = {key: np.asarray(columns[f"bottom@{key}"], dtype=bool) for key in keys}
     if radius_grid is None:
         finite = radius[np.isfinite(radius)]
         top = float(finite.max()) if len(finite) else 0.0
         radius_grid = np.linspace(0.0, top, 21) if top > 0 else np.zeros(1)
     grid, accuracy = certified_accuracy_curve(radius, counts, np.asarray(radius_grid, dtype=np.float64))
+    bottom_rate = {key: _mean(bottom) for key, bottom in bottoms.items()}
+    if not known.any():
+        return _unlabelled_summary(n, radius, bottoms, bottom_rate, grid, accuracy)
+    vra = {}
+    for key, bottom in bottoms.items():
+        certified = np.asarray(columns[f"certified@{key}"], dtype=bool) if f"certified@{key}" in columns else counts & ~bottom
+        vra[key] = _mean(certified)
     return {
         "num_samples": n,
-        "clean_accuracy": float(correct.sum() / known.sum()) if known.any() else None,
+        "clean_accuracy": float(correct.sum() / known.sum()),
         "vra": vra,
         "bottom_rate": bottom_rate,
-        "average_certified_radius": float(np.where(counts, radius, 0.0).mean()) if n else None,
+        "average_certified_radius": float(np.where(counts, radius, 0.0).mean()),
         "certified_accuracy": [{"radius": float(r), "accuracy": float(a)} for r, a in zip(grid, accuracy)],
+    }
+
+
+def _unlabelled_summary(n: int, radius: np.ndarray, bottoms: dict, bottom_rate: dict, grid, rate) -> dict:
+    """The summary of data without labels: rates over every prediction, and None wherever accuracy would stand."""
+    return {
+        "num_samples": n,
+        "clean_accuracy": None,
+        "vra": None,
+        "certified_rate": {key: _mean(~bottom) for key, bottom in bottoms.items()},
+        "bottom_rate": bottom_rate,
+        "average_certified_radius": None,
+        "average_radius": float(radius.mean()) if n else None,
+        "certified_accuracy": None,
+        "certified_rate_curve": [{"radius": float(r), "rate": float(a)} for r, a in zip(grid, rate)],
     }
 
 

@@ -149,10 +149,11 @@ def test_summarize_without_labels_and_default_grid():
     columns = {"label": np.full(4, -1), "predicted": np.zeros(4, int), "radius": np.array([0.0, 1.0, 2.0, 4.0])}
     columns["bottom@1"] = columns["radius"] <= 1
     summary = summarize(columns, eps=[1.0])
-    assert summary["clean_accuracy"] is None and summary["vra"] == {"1": 0.5}  # derived: not bottom
-    grid = [point["radius"] for point in summary["certified_accuracy"]]
+    # no labels: no accuracy and no VRA, only the fraction of predictions certified (issue 15)
+    assert summary["clean_accuracy"] is None and summary["vra"] is None and summary["certified_rate"] == {"1": 0.5}
+    grid = [point["radius"] for point in summary["certified_rate_curve"]]
     assert len(grid) == 21 and grid[0] == 0.0 and grid[-1] == 4.0
-    assert summary["certified_accuracy"][-1]["accuracy"] == 0.0  # strictly above the largest radius: none
+    assert summary["certified_rate_curve"][-1]["rate"] == 0.0  # strictly above the largest radius: none
 
 
 def test_certified_accuracy_curve_decides_ties_against_certification():
