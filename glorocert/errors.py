@@ -28,11 +28,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what `timeout`, container stops and CI cancellation send), handled exactly as Ctrl-C is."""
 
     exit_code = 143
-    received = False  # set by the handler: libraries (typer) may replace the exception on its way up
+    received = False  # set when raised: libraries (typer) may replace the exception on its way up
+
+    def __init__(self, *args):
+        Terminated.received = True
+        super().__init__(*args)
 
 
 def _raise_terminated(signum, frame) -> None:
-    Terminated.received = True
     raise Terminated()
 
 
