@@ -89,7 +89,8 @@ def bench_certify(repeats: int = 5) -> None:
     x_all = np.concatenate([b.x for b in batches])
 
     class InMemory:  # the dataset, already loaded, served in the same batches
-        name, shape, num_samples, num_classes, has_labels, mean, std = "mnist-5k[train]", data.shape, len(x_all), 10, True, None, None
+        name, shape, num_samples, num_classes, has_labels, normalization = "mnist-5k[train]", data.shape, len(x_all), 10, True, None
+        notes: list = []
 
         def batches(self, size):
             return iter(batches)

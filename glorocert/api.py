@@ -14,12 +14,13 @@ from glorocert.certify.methods import LOCAL_METHODS, METHODS
 from glorocert.certify.pipeline import ROWS_SCHEMA_VERSION, CertifyResult, certify, certify_locally_at, versions
 from glorocert.data import BUILTINS, Dataset, from_arrays, open_dataset
 from glorocert.lipschitz.boundfile import Bound, default_path
-from glorocert.lipschitz.freeze import compute_bound, resolve_bound
+from glorocert.lipschitz.freeze import check_bound_settings, compute_bound, resolve_bound, verify_bound
 from glorocert.loaders import Model, load, parse_shape
 from glorocert.normalization import Normalization
 
 __all__ = [
-    "load", "compute_bound", "resolve_bound", "certify", "certify_locally_at", "CertifyResult", "Bound", "Model",
+    "load", "check_bound_settings", "compute_bound", "resolve_bound", "verify_bound", "certify", "certify_locally_at",
+    "CertifyResult", "Bound", "Model",
     "BUILTINS", "Dataset", "Normalization", "open_dataset", "from_arrays", "parse_shape", "default_path", "versions",
     "export_gloro_onnx", "METHODS", "LOCAL_METHODS", "ROWS_SCHEMA_VERSION",
 ]

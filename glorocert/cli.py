@@ -23,10 +23,11 @@ import typer
 from rich.markup import escape
 
 from glorocert import api, files, render, results
-from glorocert.errors import GlorocertError, Terminated, interrupt_on_sigterm
+from glorocert.errors import GlorocertError, Terminated, caused_by_interrupt, interrupt_on_sigterm
 from glorocert.render import err, out
 from glorocert.studies import audit, compare_local, compare_rs, lower_bound
-from glorocert.train import SMOOTHING_METHODS, RobustSettings, SmoothingSettings, TrainConfig, parse_method, run_training
+from glorocert.train import (SMOOTHING_METHODS, TRAIN_FILES, RobustSettings, SmoothingSettings, TrainConfig, check_out_dir,
+                             parse_method, run_training)
 
 app = typer.Typer(
     help="Certify the l2 robustness of neural-network classifiers with a frozen global Lipschitz bound (GloRo), "
@@ -45,6 +46,7 @@ InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Per-sa
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled nn.Module (torch.save(model)); pickles can run arbitrary code.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (falls back to the CPU with a message).")]
 BoundOpt = Annotated[Optional[Path], typer.Option("--bound", help="Bound JSON (default: MODEL.bound.json next to the model, computed and cached if absent).")]
+VerifyBoundOpt = Annotated[bool, typer.Option("--verify-bound", help="Recompute the bound from the model first (about as long as `glorocert bound`) and refuse the bound file if any of its constants is below the recomputed one.")]
 # normalisation applied outside the model (bound, and every command that reads a dataset)
 MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean of a normalisation (x − mean) / std applied OUTSIDE the model, e.g. 0.1307 or 0.485,0.456,0.406; folded into the bound.")]
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="Its per-channel std, e.g. 0.3081.")]
@@ -67,13 +69,20 @@ def _load(model: Path, input_shape: str | None, trust_pickle: bool, device: str)
     return loaded
 
 
+_FLOAT_EXAMPLES = {  # what a wrong value is told, per option
+    "--eps": "e.g. 0.3 or 0.1,0.3",
+    "--mean": "one value or per-channel values, e.g. 0.1307 or 0.485,0.456,0.406",
+    "--std": "one value or per-channel values, e.g. 0.3081 or 0.229,0.224,0.225",
+}
+
+
 def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise GlorocertError(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+        raise GlorocertError(f"{option} {text!r}: expected comma-separated numbers, {_FLOAT_EXAMPLES[option]}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +95,7 @@ class DataOptions:
     start: Annotated[int, typer.Option("--start", help="First sample.")] = 0
     limit: Annotated[Optional[int], typer.Option("--limit", help="Number of samples, from --start.")] = None
     layout: Annotated[str, typer.Option("--layout", help="auto, nchw or nhwc.")] = "auto"
-    scale: Annotated[str, typer.Option("--scale", help="auto (divide by 255 when needed), none or 255.")] = "auto"
+    scale: Annotated[str, typer.Option("--scale", help="auto (divide by 255 when some pixel exceeds 1, and say so; integer pixels that are all 0 or 1 stay as they are), none or 255.")] = "auto"
     mean: MeanOpt = None
     std: StdOpt = None
 
@@ -100,10 +109,13 @@ class DataOptions:
         """The files the data options name (a built-in dataset's name is no file), so that no output overwrites them."""
         return [Path(p) for p in (self.data, self.labels) if p is not None and str(p) not in api.BUILTINS]
 
-    def open(self, model: api.Model) -> api.Dataset:
-        """The dataset, for ``model``'s input shape."""
+    def open(self, model: api.Model | None) -> api.Dataset:
+        """The dataset, for ``model``'s input shape (any shape without a model); prints its notes (scaling, labels)."""
         options = self.parsed()
-        return api.open_dataset(options.pop("data"), **options, input_shape=model.input_shape)
+        dataset = api.open_dataset(options.pop("data"), **options, input_shape=model.input_shape if model else None)
+        for message in dataset.notes:
+            err.print(render.note(escape(message)), highlight=False, soft_wrap=True)
+        return dataset
 
 
 def reads_data(**defaults):
@@ -153,6 +165,7 @@ def bound_command(
 
     Example: glorocert bound models/mnist-5k-eps0.3/model.onnx
     """
+    api.check_bound_settings(mode, tol, max_iter)  # before any work
     outputs = _outputs(model)
     target = outputs.add(out_path or api.default_path(model), "--out", (".json",))
     loaded = _load(model, input_shape, trust_pickle, device)
@@ -183,6 +196,7 @@ def certify_command(
     summary_path: Annotated[Optional[Path], typer.Option("--summary", help="Summary JSON.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Certified accuracy vs radius: .png, .svg or .pdf.")] = None,
     bound_path: BoundOpt = None,
+    verify_bound: VerifyBoundOpt = False,
     batch_size: BatchSizeOpt = 256,
     device: Device = "cpu",
     method: Annotated[str, typer.Option("--method", help="gloro (global bound, one forward pass), bcp or kw (local bounds on every sample; full radius by bisection), or cascade (gloro, then --fallback once per requested ε on the samples gloro leaves ⊥ there; a rescued sample's radius is the largest requested ε the fallback certified, so cascade radii lie on the --eps grid).")] = "gloro",
@@ -196,12 +210,20 @@ def certify_command(
     Example: glorocert certify models/mnist-5k-eps0.3/model.onnx --data mnist-5k --eps 0.3,1.0 --out rows.csv --plot curve.png
     """
     eps_values = _floats(eps, "--eps")
+    if fail_under is not None and not 0 <= fail_under <= 1:
+        raise GlorocertError(f"--fail-under {fail_under}: expected a fraction in [0, 1], e.g. 0.9 (VRA at least 90 %)")
     outputs = _outputs(model, api.default_path(model), bound_path, *data_options.inputs())
     outputs.add(out_path, "--out", results.ROW_FORMATS)
     outputs.add(summary_path, "--summary", (".json",))
     outputs.add(plot, "--plot", results.PLOT_FORMATS)
     loaded = _load(model, input_shape, trust_pickle, device)
     dataset = data_options.open(loaded)
+    if fail_under is not None and not dataset.has_labels:
+        raise GlorocertError(f"--fail-under checks the VRA, which needs labels, and {dataset.name} has none (only the "
+                             "fraction of certified predictions is reported); give labelled data or drop --fail-under")
+    if verify_bound:
+        with err.status("recomputing the bound from the model (--verify-bound)…"):
+            api.resolve_bound(loaded, bound_path, dataset.normalization, verify=True)
     with render.progress_bar() as progress:
         task = progress.add_task("certifying", total=dataset.num_samples)
         result = api.certify(loaded, dataset, eps_values, bound=bound_path, batch_size=batch_size, method=method,
@@ -242,6 +264,7 @@ def compare_rs_command(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory for rows (both methods), summary.json and the appended smoothing log.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out without redoing finished samples.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Both certified-accuracy curves on one figure.")] = None,
+    verify_bound: VerifyBoundOpt = False,
     input_shape: InputShape = None,
     device: Device = "cpu",
     trust_pickle: TrustPickle = False,
@@ -252,21 +275,27 @@ def compare_rs_command(
 
     Example: glorocert compare-rs models/mnist-5k-eps0.3/model.onnx --data mnist-5k --sigma 0.25 --n 10000 --skip 20 --out out/rs --plot out/rs.png
     """
-    if resume and out_dir is None:
-        raise GlorocertError("--resume needs --out DIR (where the interrupted run wrote its rows)")
+    parameters = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, skip=skip, seed=seed)
+    batch_size = batch_size if batch is None else batch
+    compare_rs.check_parameters(**{k: v for k, v in parameters.items() if k != "seed"}, batch=batch_size)
+    compare_rs.check_out(out_dir, resume)
     outputs = _outputs(gloro_model, base, api.default_path(gloro_model), *data_options.inputs())
     outputs.add_directory(out_dir, "--out", compare_rs.RESULT_FILES)
     outputs.add(plot, "--plot", results.PLOT_FORMATS)
     gloro_loaded = _load(gloro_model, input_shape, trust_pickle, device)
     base_loaded = _load(base, input_shape, trust_pickle, device) if base else gloro_loaded
     dataset = data_options.open(gloro_loaded)
+    # the manifest is resume state: written now, not staged with the results
+    compare_rs.start_run(out_dir, resume, compare_rs.run_manifest(gloro_loaded, base_loaded, dataset, **parameters))
+    if verify_bound:
+        with err.status("recomputing the bound from the model (--verify-bound)…"):
+            api.resolve_bound(gloro_loaded, None, dataset.normalization, verify=True)
     if out_dir is not None:
         outputs.kept.append(f"the finished smoothing rows in {out_dir / compare_rs.SMOOTHING_ROWS}: rerun with --resume to continue")
     with render.progress_bar(transient=False) as progress, outputs.publishing():
-        total = -(-dataset.num_samples // max(skip, 1))
+        total = compare_rs.EveryKth(dataset, skip).num_samples
         tasks = {"gloro": progress.add_task("GloRo certify", total=total), "smoothing": progress.add_task(f"smoothing n={n}", total=total)}
-        result = compare_rs.compare_rs(gloro_loaded, base_loaded, dataset, sigma=sigma, n0=n0, n=n, alpha=alpha,
-                                       batch=batch_size if batch is None else batch, skip=skip, seed=seed, out_dir=out_dir,
+        result = compare_rs.compare_rs(gloro_loaded, base_loaded, dataset, **parameters, batch=batch_size, out_dir=out_dir,
                                        resume=resume, progress=lambda what, k: progress.advance(tasks[what], k))
         if plot:
             compare_rs.plot_comparison(result, plot)
@@ -298,8 +327,11 @@ def compare_local_command(
 
     Example: glorocert compare-local model.onnx --data mnist-5k --limit 1000 --eps 0.3 --kw-limit 100 --json out/local.json
     """
-    outputs = _outputs(model, bound_path, *data_options.inputs())
+    outputs = _outputs(model, api.default_path(model), bound_path, *data_options.inputs())
     outputs.add(json_path, "--json", (".json",))
+    if not data_options.open(None).has_labels:  # opened once here (printing its notes) before any method's process starts
+        raise GlorocertError(f"compare-local compares VRA, which needs labels, and {data_options.data} has none; give labelled "
+                             "data (--labels for a .npy, y in an .npz, a label column in a CSV) or use certify")
     source = compare_local.Source(model=str(model), **data_options.parsed(), input_shape=api.parse_shape(input_shape),
                                   trust_pickle=trust_pickle, device=device)
     with err.status(f"loading {model} and {data_options.data}, checking the converted graph, resolving the bound…") as status:
@@ -326,6 +358,7 @@ def audit_command(
     model: ModelArg,
     data_options: DataOptions,
     bound_path: BoundOpt = None,
+    verify_bound: VerifyBoundOpt = False,
     steps: Annotated[int, typer.Option("--steps", help="Steps per attack.")] = 100,
     restarts: Annotated[int, typer.Option("--restarts", help="Random restarts of the fixed-budget PGD attack.")] = 2,
     seed: Annotated[int, typer.Option("--seed", help="Attack seed.")] = 0,
@@ -342,10 +375,14 @@ def audit_command(
 
     Example: glorocert audit models/mnist-5k-eps0.3/model.onnx --data mnist-5k --limit 200 --out out/audit
     """
+    audit.check_parameters(steps, restarts)
     outputs = _outputs(model, bound_path, api.default_path(model), *data_options.inputs())
     outputs.add_directory(out_dir, "--out", ("audit.json",))
     loaded = _load(model, input_shape, trust_pickle, device)
     dataset = data_options.open(loaded)
+    if verify_bound:
+        with err.status("recomputing the bound from the model (--verify-bound)…"):
+            api.resolve_bound(loaded, bound_path, dataset.normalization, verify=True)
     with render.progress_bar() as progress, outputs.publishing():
         task = progress.add_task("attacking certified samples", total=dataset.num_samples)
         result = audit.audit(loaded, dataset, bound=bound_path, steps=steps, restarts=restarts, seed=seed, out_dir=out_dir,
@@ -390,7 +427,7 @@ def export_command(
 @app.command()
 def train(
     data: Annotated[str, typer.Option("--data", help="Training data: mnist-5k, fashion-mnist, digits (built-in train split; their test split is held out), or a labelled file (20 % per class held out).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Output directory: model.safetensors, model.onnx, model.ts.pt, model.bound.json, card.md, log.csv (+ resume state).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory: model.safetensors, model.onnx, model.ts.pt, model.onnx.bound.json, card.md, log.csv (+ resume state); refused if it holds any of them, unless --resume continues the run there.")],
     eps: Annotated[Optional[float], typer.Option("--eps", help="Test radius ε (l2, [0,1] pixels): the held-out VRA is measured and the model certified at it (required with --method gloro, bcp, kw).")] = None,
     method: Annotated[str, typer.Option("--method", help="gloro (a GloRo net, default); bcp (BCP's objective, Lee et al. 2020) or kw (Wong–Kolter robust loss, exact dual bounds: O(units²) per sample, for small nets) — ReLU nets to certify with certify --method bcp|kw; gaussian or macer (randomized-smoothing base models).")] = "gloro",
     sigma: Annotated[float, typer.Option("--sigma", help="Noise std σ in [0,1] pixel space (--method gaussian / macer).")] = 0.25,
@@ -440,11 +477,32 @@ def train(
         smoothing=SmoothingSettings(sigma=sigma, macer_k=macer_k, macer_beta=macer_beta, macer_gamma=macer_gamma,
                                     macer_lam=macer_lam) if smoothing else None,
     )
+    check_out_dir(out_dir, resume)
+    outputs = _outputs(*([] if data in api.BUILTINS else [Path(data)]))
+    outputs.add_directory(out_dir, "--out", TRAIN_FILES)
     with render.TrainDisplay() as display:
-        result = run_training(config, display)
+        result = run_training(config, _SaysWhatTrainingKept(display, outputs))
     out.print(render.train_table(result))
     for line in render.train_lines(result):
         out.print(line)
+
+
+class _SaysWhatTrainingKept:
+    """Training progress for the display, and for main(): outputs.kept names the epoch the resume state holds,
+    outputs.published the results once they are in place, so that an interrupt says what it leaves."""
+
+    def __init__(self, display: render.TrainDisplay, outputs: files.Outputs):
+        self.display, self.outputs = display, outputs
+
+    def __getattr__(self, name: str):
+        return getattr(self.display, name)
+
+    def on_saved(self, out_dir: Path, epochs_done: int) -> None:
+        self.outputs.kept[:] = [f"the resume state in {out_dir} (train_state.*, log.csv) after epoch {epochs_done}: "
+                                "rerun with --resume to continue"]
+
+    def on_publishing(self, published: list[Path]) -> None:
+        self.outputs.published = published  # filled as the results land, so an interrupt right after says so
 
 
 def main() -> None:
@@ -466,6 +524,8 @@ def main() -> None:
         if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
+        if caused_by_interrupt(e):  # e.g. onnxruntime's ImportError when Ctrl-C lands in its initialisation
+            sys.exit(_interrupted(e))
         raise
     if code == 130:  # typer turns Ctrl-C into Exit(130) inside app()
         code = _interrupted(None)
@@ -480,7 +540,7 @@ def _outputs(*inputs: Path | str | None) -> files.Outputs:
 
 def _interrupted(error: BaseException | None) -> int:
     """Say what an interrupted run left behind; the exit code (130 Ctrl-C, 143 SIGTERM)."""
-    terminated = any(isinstance(e, Terminated) for e in (error, getattr(error, "__cause__", None), getattr(error, "__context__", None)))
+    terminated = Terminated.received or isinstance(error, Terminated)  # typer turns both signals into Exit(130)
     outputs = _RUN["outputs"]
     written = [str(p) for p in outputs.published] if outputs else []
     kept = list(outputs.kept) if outputs else []

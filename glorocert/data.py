@@ -692,7 +692,8 @@ def _layout(source: _Source, layout: str, input_shape: tuple[int, ...] | None, d
     shape = tuple(int(d) for d in shape)
 
     def convert(batch: np.ndarray) -> np.ndarray:
-        x = batch.astype(np.float32)
+        with np.errstate(over="ignore"):  # beyond float32's range becomes inf, reported below with its row
+            x = batch.astype(np.float32)
         if divisor != 1:
             x /= np.float32(divisor)
         if transpose:

@@ -85,6 +85,8 @@ def remove_stale_partials(directory: Path) -> list[Path]:
     """Remove the temporary files in ``directory`` whose writing process no longer runs; the removed paths."""
     removed = []
     for path in directory.glob(f".*{PARTIAL}"):
+        if not path.is_file():
+            continue
         pid = path.name.rsplit(".", 2)[-2].split("-")[0] if path.name.count(".") >= 2 else ""
         if pid.isdigit() and not _alive(int(pid)):
             path.unlink(missing_ok=True)
@@ -138,8 +140,8 @@ class Outputs:
         return path
 
     def add_directory(self, path: str | os.PathLike | None, option: str, names: Iterable[str] = ()) -> Path | None:
-        """Declare an output directory: every file written into it is a result (staged), except ``names`` excluded
-        by the caller's design (e.g. resume state); refuses a path that exists and is not a directory."""
+        """Declare an output directory: every file written into it is a result (staged); ``names`` are the results
+        it will hold, checked like files; refuses a path that exists and is not a directory."""
         if path is None:
             return None
         path = Path(path)
@@ -195,17 +197,25 @@ class Outputs:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM for the block (they are delivered right after it); a no-op where that is impossible."""
-    held = {signal.SIGINT, signal.SIGTERM}
+    """Defer SIGINT and SIGTERM for the block: they are recorded and raised right after it.
+
+    The handlers are swapped rather than the signal mask changed: a mask holds only the calling thread, and the
+    kernel hands a process-wide signal to any thread (numpy's, torch's, onnxruntime's pools) that does not
+    block it. Outside the main thread, where handlers cannot be set, the block runs as it is.
+    """
+    received: list[int] = []
     try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, ValueError, OSError):  # no pthread_sigmask (Windows), or not the main thread
+        previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        if received:
+            signal.raise_signal(received[0])  # now handled as usual: KeyboardInterrupt or Terminated
 
 
 def _key(path: Path) -> Path:

@@ -7,9 +7,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from glorocert.api import compute_bound
+from glorocert.errors import GlorocertError
+from glorocert.studies import audit as audit_module
 from glorocert.studies.audit import audit
 from glorocert.studies.lower_bound import lipschitz_lower_bounds
 from glorocert.data import open_dataset
@@ -79,3 +82,11 @@ def test_empirical_lower_bounds_never_exceed_the_sound_upper_bounds(trained_digi
     assert (lower <= bound.margin_matrix + 1e-9).all()
     # and the search is not trivially weak: within 10× of the upper bound on this small net
     assert bound.global_upper / found["global_lower"] < 10
+
+
+@pytest.mark.parametrize("steps, restarts", [(0, 2), (-1, 2), (10, -1)])
+def test_audit_refuses_no_steps_or_negative_restarts_before_any_work(monkeypatch, steps, restarts):
+    """steps=0 or restarts=-1 used to run no attack at all and report "violations 0" (issue 15)."""
+    monkeypatch.setattr(audit_module, "certify", lambda *a, **k: pytest.fail("certified before checking the parameters"))
+    with pytest.raises(GlorocertError, match="--steps must be ≥ 1" if steps < 1 else "--restarts must be ≥ 0"):
+        audit(None, None, steps=steps, restarts=restarts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -357,6 +358,59 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits_512_256, t
     assert loaded_spec["activation"] == "minmax"
     scripted = torch.jit.load(str(tmp_path / "cut" / "model.ts.pt"))
     torch.testing.assert_close(scripted(x_val[:5]), loaded(x_val[:5]))
+
+
+def _interrupted_at_the_second_state_json(monkeypatch):
+    """Ctrl-C as train writes train_state.json after epoch 2 (the tensors of epoch 2 are written by then)."""
+    from glorocert.train import state
+
+    real, calls = state.write_text, []
+
+    def write_text(path, text):
+        if Path(path).name == state.STATE_JSON:
+            calls.append(path)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return real(path, text)
+
+    monkeypatch.setattr(state, "write_text", write_text)
+
+
+def test_an_interrupt_between_the_two_halves_of_the_resume_state_loses_nothing(digits_512_256, tmp_path, monkeypatch):
+    """The tensors and then the JSON (which holds the tensors' hash) were written one by one: Ctrl-C between
+    them left new tensors beside the old JSON, and --resume refused: the run was lost. Now the log and both
+    halves appear together, and a pair split by kill -9 between the renames resumes from the tensors' header."""
+    x_train, y_train, x_val, y_val = digits_512_256
+    x_train, y_train = x_train[:128], y_train[:128]
+    config = dict(epochs=3, batch_size=64)
+    whole = train(_small_config(out_dir=str(tmp_path / "whole"), **config), x_train, y_train, x_val, y_val)
+    _interrupted_at_the_second_state_json(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(_small_config(out_dir=str(tmp_path / "cut"), **config), x_train, y_train, x_val, y_val)
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "cut" / "train_state.json").read_text())
+    assert state["epochs_done"] == 1 and len((tmp_path / "cut" / "log.csv").read_text().splitlines()) == 2
+    epoch_1 = (tmp_path / "cut" / "train_state.json").read_bytes()
+    with pytest.raises(_Interrupt):  # on to epoch 2, then a kill -9 between the renames: epoch 1's JSON comes back
+        train(_small_config(out_dir=str(tmp_path / "cut"), resume=True, **config), x_train, y_train, x_val, y_val,
+              progress=_StopAfter(2))
+    (tmp_path / "cut" / "train_state.json").write_bytes(epoch_1)
+    resumed = train(_small_config(out_dir=str(tmp_path / "cut"), resume=True, **config), x_train, y_train, x_val, y_val)
+    assert [r.epoch for r in resumed.history] == [1, 2, 3]
+    for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_train_refuses_an_out_dir_holding_a_model_and_resume_of_nothing_creates_nothing(digits_512_256, tmp_path):
+    x_train, y_train, x_val, y_val = digits_512_256
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "card.md").write_text("my card")
+    with pytest.raises(GlorocertError, match="card.md"):
+        train(_small_config(out_dir=str(tmp_path / "mine"), epochs=1), x_train[:64], y_train[:64], x_val, y_val)
+    assert (tmp_path / "mine" / "card.md").read_text() == "my card" and len(list((tmp_path / "mine").iterdir())) == 1
+    with pytest.raises(GlorocertError, match="nothing to resume"):
+        train(_small_config(out_dir=str(tmp_path / "nodir"), resume=True, epochs=1), x_train[:64], y_train[:64], x_val, y_val)
+    assert not (tmp_path / "nodir").exists()
 
 
 def test_standard_training_baseline_runs(digits_512_256):

@@ -21,8 +21,10 @@ that changed the function would otherwise become an unsound certificate.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -73,16 +75,19 @@ class Model:
         return max(ROUNDING_RTOL, 4 * self.equivalence_gap)
 
 
+_SHAPE = re.compile(r"\s*[0-9]+\s*(?:,\s*[0-9]+\s*)*|\s*[0-9]+\s*(?:x\s*[0-9]+\s*)*")
+
+
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
-    """'1,28,28' or '1x28x28' → (1, 28, 28)."""
+    """'1,28,28' or '1x28x28' → (1, 28, 28); anything else (a stray letter, an empty part, a mix) is refused."""
     if text is None:
         return None
-    try:
-        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
-    except ValueError:
-        raise GlorocertError(f"--input-shape {text!r}: expected channels,height,width such as 1,28,28") from None
-    if not shape or any(s <= 0 for s in shape):
-        raise GlorocertError(f"--input-shape {text!r}: dimensions must be positive")
+    if not _SHAPE.fullmatch(text):
+        raise GlorocertError(f"--input-shape {text!r}: expected positive integers separated by commas or by x, "
+                             "such as 1,28,28 or 1x28x28 (channels, height, width)")
+    shape = tuple(int(p) for p in re.split(r"[,x]", text))
+    if any(s <= 0 for s in shape):
+        raise GlorocertError(f"--input-shape {text!r}: every dimension must be positive, such as 1,28,28 or 1x28x28")
     return shape
 
 
@@ -129,7 +134,8 @@ def _load_torch(path: Path, input_shape, trust_pickle: bool):
         return module, shape, "checkpoint", None, module
     if suffix == ".pt2":
         try:
-            program = torch.export.load(str(path))
+            with _quiet_torch():
+                program = torch.export.load(str(path))
         except Exception as e:
             raise GlorocertError(f"{path}: not a readable torch.export archive ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and "val" in n.meta]
@@ -149,13 +155,32 @@ def _load_torch(path: Path, input_shape, trust_pickle: bool):
         names = z.namelist()
     if any("/code/" in n or n.endswith("constants.pkl") for n in names):
         try:
-            module = torch.jit.load(str(path), map_location="cpu")
+            with _quiet_torch():
+                module = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:
             raise GlorocertError(f"{path}: corrupt TorchScript archive ({str(e).splitlines()[0][:200]})") from None
         if input_shape is None:
             raise GlorocertError(f"{path}: TorchScript does not record the input shape; pass --input-shape C,H,W (e.g. 1,28,28)")
         return module, tuple(input_shape), "torchscript", None, module
     return _load_pickle(path, input_shape, trust_pickle)
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """Silence torch's loggers and warnings while it reads a file: a damaged file is then one GlorocertError line,
+    not torch's log of the traceback it recovers from (torch.export.load logs one, then fails further on)."""
+    loggers = [logger for name, logger in list(logging.root.manager.loggerDict.items())
+               if isinstance(logger, logging.Logger) and (name == "torch" or name.startswith("torch."))]
+    disabled = [logger.disabled for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            for logger in loggers:
+                logger.disabled = True
+            yield
+        finally:
+            for logger, was in zip(loggers, disabled):
+                logger.disabled = was
 
 
 def _load_pickle(path: Path, input_shape, trust_pickle: bool):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from glorocert.api import Bound, Dataset, Model, Normalization, certify
+from glorocert.errors import GlorocertError
 from glorocert.files import atomic_write, write_json
 from glorocert.graph import Graph
 
@@ -51,6 +52,14 @@ class AuditResult:
     summary: dict = field(default_factory=dict)
 
 
+def check_parameters(steps: int, restarts: int) -> None:
+    """Refuse attack settings that would run no attack and report "violations 0" for nothing."""
+    if steps < 1:
+        raise GlorocertError(f"--steps must be ≥ 1 (got {steps}): with no attack step nothing is attacked")
+    if restarts < 0:
+        raise GlorocertError(f"--restarts must be ≥ 0 (got {restarts})")
+
+
 def _native_predictions(model: Model, x: np.ndarray, normalization: Normalization | None) -> np.ndarray:
     if normalization is not None:
         x = normalization.apply(x)
@@ -69,6 +78,7 @@ def audit(
     progress: Callable[[int], None] | None = None,
 ) -> AuditResult:
     """Attack every certified sample inside its radius; report violations (must be none) and radius gaps."""
+    check_parameters(steps, restarts)
     result = certify(model, dataset, [0.0], bound=bound)
     rows = result.rows
     keep = (rows["radius"] > 0) & np.isfinite(rows["radius"])  # certified at some radius > 0

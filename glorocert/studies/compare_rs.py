@@ -8,11 +8,19 @@ Smoothing is slow (n noisy forward passes per input), so its rows are
 appended to ``smoothing-rows.jsonl`` as they finish; ``resume=True`` reads
 that file and continues where an interrupted run stopped. Each sample's noise
 comes from its own seeded generator, so resumed rows equal uninterrupted ones.
+The file is only ever appended to: a resumed run cuts a torn last line (a
+crash mid-write) and appends after the complete ones, so an interrupt at any
+moment keeps every finished row. What the rows depend on (σ, n0, n, α, seed,
+skip, both models' sha256, the samples, the normalisation, the rows' schema)
+is recorded in ``smoothing-run.json`` when a run starts; ``resume=True``
+refuses rows made with anything else.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +37,8 @@ from glorocert.results import certified_accuracy_curve, plot_curves, write_rows
 
 DEFAULT_GRID = tuple(np.round(np.arange(0.0, 2.01, 0.25), 2))
 SMOOTHING_ROWS = "smoothing-rows.jsonl"  # appended as rows finish: the resume state
+MANIFEST = "smoothing-run.json"  # what those rows depend on, written when a run starts: --resume refuses a mismatch
+MANIFEST_FORMAT = 1
 RESULT_FILES = ("gloro-rows.csv", "smoothing-rows.csv", "summary.json")  # published together at the end
 
 
@@ -37,12 +47,13 @@ class EveryKth:
 
     def __init__(self, dataset: Dataset, skip: int):
         if skip < 1:
-            raise GlorocertError("--skip must be ≥ 1")
+            raise GlorocertError(f"--skip must be ≥ 1 (got {skip})")
         self.dataset, self.skip = dataset, skip
         for attr in ("shape", "num_classes", "has_labels", "normalization"):
             setattr(self, attr, getattr(dataset, attr))
         self.name = dataset.name + (f" (every {skip}th)" if skip > 1 else "")
-        self.num_samples = len(range(0, dataset.num_samples, skip))
+        start = window_start(dataset)  # samples are kept by their index in the source, so windows can be merged
+        self.num_samples = len(range(-(-start // skip) * skip, start + dataset.num_samples, skip))
 
     def batches(self, batch_size: int):
         for batch in self.dataset.batches(batch_size):
@@ -60,16 +71,102 @@ class Comparison:
     summary: dict
 
 
-def read_finished(path: Path) -> list[dict]:
-    """Rows already appended; a torn last line (crash mid-write) is dropped."""
+def window_start(dataset: Dataset) -> int:
+    """The index (in its source) of the dataset's first sample."""
+    return int(dataset._start)
+
+
+def check_parameters(*, sigma: float, n0: int, n: int, alpha: float, skip: int, batch: int = 1000) -> None:
+    """Refuse any parameter that cannot work, before anything is loaded (the CLI calls this first)."""
+    if not (isinstance(sigma, numbers.Real) and math.isfinite(sigma) and sigma > 0):
+        raise GlorocertError(f"--sigma must be a positive number (got {sigma})")
+    if skip < 1:
+        raise GlorocertError(f"--skip must be ≥ 1 (got {skip}): keep every k-th sample, k = 1 for all")
+    if batch < 1:
+        raise GlorocertError(f"--batch-size must be ≥ 1 (got {batch})")
+    smoothing.check_parameters(n0, n, alpha)
+
+
+def check_out(out_dir: Path | None, resume: bool) -> None:
+    """Refuse, before anything is loaded, an --out this run cannot use: rows without --resume, or rows without a manifest."""
+    if out_dir is None:
+        if resume:
+            raise GlorocertError("--resume needs --out DIR (where the interrupted run wrote its rows)")
+        return
+    out_dir = Path(out_dir)
+    rows = out_dir / SMOOTHING_ROWS
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GlorocertError(f"--out {out_dir} exists and is not a directory")
+    if rows.exists() and not resume:
+        raise GlorocertError(f"{rows} exists; pass --resume to continue that run, or choose another --out")
+    if rows.exists() and not (out_dir / MANIFEST).exists():
+        raise GlorocertError(
+            f"{out_dir} holds {SMOOTHING_ROWS} but no {MANIFEST} (written by another tool or glorocert version), so its "
+            f"rows cannot be checked against this run's settings; move {out_dir} away and run without --resume, or choose "
+            "another --out")
+
+
+def run_manifest(gloro_model: Model, base_model: Model, dataset: Dataset, *, sigma: float, n0: int, n: int,
+                 alpha: float, skip: int, seed: int) -> dict:
+    """Everything the smoothing rows depend on, as JSON values (what :data:`MANIFEST` holds)."""
+    norm = dataset.normalization
+    return jsonable({
+        "format": MANIFEST_FORMAT, "rows_schema_version": ROWS_SCHEMA_VERSION, "row_columns": smoothing.ROW_COLUMNS,
+        "sigma": float(sigma), "n0": n0, "n": n, "alpha": float(alpha), "seed": seed, "skip": skip,
+        "gloro_model_sha256": gloro_model.sha256, "base_model_sha256": base_model.sha256,
+        "dataset": dataset.name, "start": window_start(dataset), "num_samples": dataset.num_samples,
+        "normalization": None if norm is None else norm.to_json(),
+    })
+
+
+def start_run(out_dir: Path | None, resume: bool, manifest: dict) -> None:
+    """Record ``manifest`` in ``out_dir`` (at once, atomically) when a run starts; with ``resume``, refuse rows made
+    with other settings, naming each difference. Call it before the results are staged (cli: before publishing)."""
+    check_out(out_dir, resume)
+    if out_dir is None:
+        return
+    path = Path(out_dir) / MANIFEST
+    old = _read_manifest(path) if path.exists() else None
+    if old == manifest:
+        return
+    if resume and old is not None:
+        changes = [f"{key} {_short(old.get(key))} → {_short(manifest.get(key))}"
+                   for key in sorted(set(old) | set(manifest)) if old.get(key) != manifest.get(key)]
+        raise GlorocertError(f"cannot resume {out_dir}: its rows were made with other settings ({'; '.join(changes)}); "
+                             "rerun with the same settings, or without --resume into another --out")
+    write_json(path, manifest)
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GlorocertError(f"{path} is unreadable ({e}); cannot check the rows beside it: choose another --out") from None
+
+
+def _short(value) -> str:
+    return f"{value[:12]}…" if isinstance(value, str) and len(value) == 64 else str(value)
+
+
+def finished_rows(path: Path) -> list[dict]:
+    """The rows an interrupted run appended. A torn last line (a crash mid-write) is cut off the file, which is
+    otherwise left as it is (appended to afterwards, never rewritten); a damaged complete line is refused."""
     if not path.is_file():
         return []
+    with open(path, "r+b") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            f.truncate(end)
     rows = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(data[:end].splitlines(), 1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
+            row = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if not isinstance(row, dict) or not set(smoothing.ROW_COLUMNS) <= row.keys():
+            raise GlorocertError(f"{path}: line {number} is not a smoothing row; cannot resume (choose another --out)")
+        rows.append(row)
     return rows
 
 
@@ -104,9 +201,9 @@ def compare_rs(
     progress: Callable[[str, int], None] | None = None,
 ) -> Comparison:
     """GloRo and Cohen et al.'s CERTIFY on the same samples (every ``skip``-th); see the module docstring for resume."""
-    if sigma <= 0:
-        raise GlorocertError("--sigma must be positive")
-    smoothing.check_parameters(n0, n, alpha)
+    check_parameters(sigma=sigma, n0=n0, n=n, alpha=alpha, skip=skip, batch=batch)
+    start_run(out_dir, resume, run_manifest(gloro_model, base_model, dataset, sigma=sigma, n0=n0, n=n, alpha=alpha,
+                                            skip=skip, seed=seed))
     subset = EveryKth(dataset, skip)
     gloro = certify(gloro_model, subset, [0.0], batch_size=256, progress=(lambda k: progress("gloro", k)) if progress else None)
     smooth = smoothing.Smooth(_base_forward(base_model, dataset), base_model.num_classes, sigma, batch_size=batch,
@@ -142,14 +239,10 @@ def _base_forward(base_model: Model, dataset: Dataset):
 
 def _smoothing_rows(smooth, subset: EveryKth, rows_path: Path | None, resume: bool, parameters: dict, progress) -> dict:
     """CERTIFY on every sample not already in ``rows_path``; each row is appended (and fsynced) as it finishes."""
-    finished = read_finished(rows_path) if (rows_path and resume) else []
-    if rows_path and not resume and rows_path.exists():
-        raise GlorocertError(f"{rows_path} exists; pass --resume to continue that run, or choose another --out")
+    finished = finished_rows(rows_path) if (rows_path and resume) else []
     if rows_path:
         rows_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(rows_path, "w") as f:  # rewrite only complete lines, then append
-            f.writelines(json.dumps(r) + "\n" for r in finished)
-    sink = open(rows_path, "a") if rows_path else None
+    sink = open(rows_path, "a") if rows_path else None  # appended to, never rewritten
 
     def on_row(row: dict) -> None:
         if sink:

@@ -17,8 +17,10 @@ from glorocert.train.loop import run_training, train
 from glorocert.train.losses import METHODS, SMOOTHING_METHODS, parse_method
 from glorocert.train.objectives import Objective, evaluate, evaluate_noisy
 from glorocert.train.records import EpochRecord, TrainProgress, TrainResult
+from glorocert.train.state import TRAIN_FILES, check_out_dir
 
 __all__ = [
     "METHODS", "SMOOTHING_METHODS", "EpochRecord", "Objective", "Provenance", "RobustSettings", "SmoothingSettings", "TrainConfig", "TrainProgress",
-    "TrainResult", "command_line", "evaluate", "evaluate_noisy", "parse_method", "run_training", "train",
+    "TRAIN_FILES", "TrainResult", "check_out_dir", "command_line", "evaluate", "evaluate_noisy", "parse_method",
+    "run_training", "train",
 ]

@@ -39,7 +39,7 @@ from glorocert.train.objectives import Objective, make_objective, objective_clas
 from glorocert.train.outputs import write_outputs
 from glorocert.train.records import EpochRecord, TrainProgress, TrainResult, notify
 from glorocert.train.schedules import parse_schedule
-from glorocert.train.state import end_epoch, open_run
+from glorocert.train.state import check_out_dir, end_epoch, open_run
 from glorocert.zoo import build, validate_spec
 
 
@@ -48,8 +48,11 @@ def run_training(config: TrainConfig, progress: TrainProgress | Any | None = Non
     :func:`train` on it, recording the command that reproduces the run on its card."""
     if not config.data:
         raise GlorocertError("run_training needs config.data (a built-in dataset or a labelled file)")
+    check_out_dir(Path(config.out_dir) if config.out_dir else None, config.resume)  # before the data is read
     notify(progress, "on_loading", config.data)
     data = load_training_data(config.data, limit=config.data_limit)
+    for message in data.notes:  # how the file was read (its scaling, its labels)
+        notify(progress, "on_message", message)
     provenance = Provenance(command=command_line(config), data_description=data.description)
     return train(config, data.x_train, data.y_train, data.x_val, data.y_val, progress=progress, provenance=provenance)
 
@@ -113,6 +116,7 @@ class _Run:
         resumed = open_run(out, config, model, self.optimizer, self.objective)
         if config.resume:
             notify(self.progress, "on_message", f"resuming {out} after epoch {resumed.epochs_done}")
+            notify(self.progress, "on_saved", out, resumed.epochs_done)
         history, seconds = resumed.history, resumed.seconds
         notify(self.progress, "on_start", config.epochs, self.steps_per_epoch, resumed.epochs_done)
         for epoch in range(resumed.epochs_done, config.epochs):
@@ -120,7 +124,8 @@ class _Run:
             history.append(record)
             seconds += record.seconds
             if out is not None:
-                end_epoch(out, model, self.optimizer, self.objective, config, self.spec, history, seconds)
+                end_epoch(out, model, self.optimizer, self.objective, config, self.spec, history, seconds,
+                          on_saved=lambda: notify(self.progress, "on_saved", out, len(history)))
             notify(self.progress, "on_epoch", record)
         result = TrainResult(model=model, spec=self.spec, config=config, history=history, seconds=seconds,
                              **self.objective.finish(model, self.x_val, self.y_val))
@@ -178,7 +183,9 @@ def _check_data(x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Tens
     if x.ndim != 4:
         raise GlorocertError(f"{what} images must be N×C×H×W, got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
-        raise GlorocertError(f"{what} set is empty")
+        given, use = ("x_train", "training") if what == "training" else ("x_val", "held-out")
+        raise GlorocertError(f"{what} set is empty: {given} holds 0 samples; training measures clean accuracy and VRA on a "
+                             f"held-out set, so give at least one {use} sample")
     if y.shape != (x.shape[0],):
         raise GlorocertError(f"{what} labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
     if not torch.isfinite(x).all():

@@ -11,10 +11,19 @@
 
 The held-out VRA on the card is measured through the public API, exactly as
 ``glorocert certify`` (``--method bcp|kw`` for the local methods) counts it.
+
+The results (all but ``log.csv``, which grows epoch by epoch with the resume
+state) are made in a hidden staging directory inside the output directory
+(:data:`~glorocert.train.state.STAGING`) — the bound and card from the staged
+files, so ``model.onnx.bound.json`` names ``model.onnx`` and its sha256 — and
+then moved into place together with SIGINT and SIGTERM held: they appear all
+at once or not at all, and never replace half of a previous set.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +33,13 @@ import torch
 from glorocert import api
 from glorocert._version import __version__
 from glorocert.errors import GlorocertError
-from glorocert.files import write_text
+from glorocert.files import Outputs, atomic_write, write_text
 from glorocert.results import eps_key
 from glorocert.train.cards import model_card, smoothing_card
 from glorocert.train.config import Provenance
 from glorocert.train.export import export_onnx, export_torchscript
 from glorocert.train.records import TrainResult, notify
+from glorocert.train.state import LOG, STAGING
 from glorocert.zoo import save_checkpoint
 
 GLORO_BATCH = 1000  # held-out samples per forward pass when measuring the sound GloRo VRA
@@ -38,20 +48,49 @@ LOCAL_BATCH = 250   # ... and per pass of the local certifier (bcp / kw)
 
 def write_outputs(result: TrainResult, out: Path, x_val: torch.Tensor, y_val: torch.Tensor,
                   provenance: Provenance, progress: Any = None) -> None:
-    """Write checkpoint, exports, bound and card of ``result`` into ``out`` (atomically, file by file)."""
-    model, spec = result.model.cpu().eval(), result.spec
-    result.files["checkpoint"] = str(save_checkpoint(out / "model.safetensors", model, spec,
+    """Make checkpoint, exports, bound and card of ``result`` in ``out``'s staging directory, then move them into
+    ``out`` together (module docstring); ``progress.on_publishing`` gets the list each result joins once in place."""
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed here
+    staging.mkdir(parents=True)
+    try:
+        _make_results(result, staging, x_val, y_val, provenance, progress)
+        _publish([Path(p) for k, p in result.files.items() if k != "log"], out, progress)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.files = {key: str(out / Path(path).name) for key, path in result.files.items()}
+
+
+def _make_results(result: TrainResult, staging: Path, x_val: torch.Tensor, y_val: torch.Tensor,
+                  provenance: Provenance, progress: Any) -> None:
+    """Every result file, in ``staging`` (``result.files`` names them there; the log stays where it is)."""
+    model, spec, out = result.model.cpu().eval(), result.spec, staging.parent
+    result.files["checkpoint"] = str(save_checkpoint(staging / "model.safetensors", model, spec,
                                                      _checkpoint_record(result, provenance)))
-    result.files["onnx"] = str(export_onnx(model, spec["input_shape"], out / "model.onnx"))
-    result.files["torchscript"] = str(export_torchscript(model, spec["input_shape"], out / "model.ts.pt"))
-    result.files["log"] = str(out / "log.csv")
+    result.files["onnx"] = str(export_onnx(model, spec["input_shape"], staging / "model.onnx"))
+    result.files["torchscript"] = str(export_torchscript(model, spec["input_shape"], staging / "model.ts.pt"))
+    result.files["log"] = str(out / LOG)
     if result.config.smoothing is not None:  # a smoothing base model: no GloRo bound, no VRA claimed
         card = smoothing_card(result, provenance, len(y_val), out.name)
     else:
-        _certify_held_out(result, out / "model.onnx", api.from_arrays(x_val.numpy(), y_val.numpy(), name="held-out split"),
-                          progress)
+        _certify_held_out(result, staging / "model.onnx",
+                          api.from_arrays(x_val.numpy(), y_val.numpy(), name="held-out split"), progress)
         card = model_card(result, provenance, len(y_val), out.name)
-    result.files["card"] = str(write_text(out / "card.md", card))
+    result.files["card"] = str(write_text(staging / "card.md", card))
+
+
+def _publish(staged: list[Path], out: Path, progress: Any) -> None:
+    """Move the staged files into ``out`` together, with SIGINT and SIGTERM held (files.Outputs publishes them).
+    ``progress.on_publishing`` gets, before, the list each joins as it lands: an interrupt that arrives during the
+    renames is delivered after them, and whoever it tells can then say they are in place."""
+    outputs = Outputs()
+    for path in staged:
+        outputs.add(out / path.name, "--out")
+    notify(progress, "on_publishing", outputs.published)
+    with outputs.publishing():
+        for path in staged:
+            with atomic_write(out / path.name) as tmp:  # staged by Outputs, moved into place with the others
+                os.replace(path, tmp)
 
 
 def _checkpoint_record(result: TrainResult, provenance: Provenance) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,13 @@ class TrainProgress:
     def on_epoch(self, record: EpochRecord) -> None: ...
 
     def on_message(self, message: str) -> None: ...
+
+    def on_saved(self, out: Path, epochs_done: int) -> None:
+        """The resume state in ``out`` holds ``epochs_done`` epochs (said just before it is put in place, which no
+        SIGINT or SIGTERM interrupts; also said when a run resumes)."""
+
+    def on_publishing(self, published: list[Path]) -> None:
+        """The results are about to be put in place, together: ``published`` lists those that are."""
 
 
 def notify(progress: Any, name: str, *args: Any) -> None:

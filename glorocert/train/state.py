@@ -3,8 +3,13 @@
 After every epoch :func:`end_epoch` rewrites the log and checkpoints
 everything needed to resume bit for bit: the model, Adam's state, the
 objective's tensors (the power-iteration iterates), torch's RNG state, the
-config and the history so far. :func:`open_run` refuses to overwrite a run or
-a trained model and, with ``resume``, restores that state.
+config and the history so far. :func:`check_out_dir` refuses, before anything
+is written, a directory holding any file a run would write (a user's
+``model.onnx``, another run) unless the run resumes its own state there;
+:func:`open_run` then, with ``resume``, restores that state. The results
+(:data:`RESULT_FILES`) are staged in :data:`STAGING` and appear together at
+the end (:mod:`glorocert.train.outputs`); a staging directory left by a killed
+run is removed when the run is resumed.
 """
 
 from __future__ import annotations
@@ -13,19 +18,25 @@ import csv
 import dataclasses
 import io
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from glorocert.errors import GlorocertError
-from glorocert.files import atomic_write, jsonable, sha256_of, write_text
+from glorocert.files import PARTIAL, Outputs, atomic_write, jsonable, sha256_of, write_text
 from glorocert.train.config import TrainConfig
 from glorocert.train.records import EpochRecord
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 STATE_FORMAT = "2"  # 2: the config in sections (robust / smoothing)
+LOG = "log.csv"
+RESULT_FILES = ("model.safetensors", "model.onnx", "model.ts.pt", "model.onnx.bound.json", "card.md")  # appear together
+TRAIN_FILES = (*RESULT_FILES, LOG, STATE_JSON, STATE_TENSORS)  # every file a run writes into its directory
+STAGING = f".train-staging{PARTIAL}"  # where the results are made before they appear; never mistaken for a result
 
 
 @dataclasses.dataclass
@@ -37,41 +48,65 @@ class Resumed:
     history: list[EpochRecord] = dataclasses.field(default_factory=list)
 
 
-def open_run(out: Path | None, config: TrainConfig, model, optimizer, objective) -> Resumed:
-    """Create ``out`` (refusing one that holds a run or a model) or, with ``config.resume``, restore its state."""
+def check_out_dir(out: Path | None, resume: bool) -> None:
+    """Refuse, before anything is written or created, an output directory this run would damage: one that is a
+    file, or holds any file the run writes (a user's model.onnx, card.md, log.csv, another run), unless ``resume``
+    continues the run whose state is there; or, with ``resume``, one without a readable resume state."""
     if out is None:
-        if config.resume:
+        if resume:
             raise GlorocertError("resume needs an output directory")
-        return Resumed()
-    out.mkdir(parents=True, exist_ok=True)
-    if config.resume:
-        state = _read_state(out)
-        try:
-            saved = TrainConfig.from_dict(state["config"])
-        except (TypeError, KeyError) as exc:
-            raise GlorocertError(f"{out / STATE_JSON} was written by another glorocert version ({exc}); cannot resume") from None
-        config.check_resumable(saved)
-        _restore_tensors(out, state, model, optimizer, objective)
-        return Resumed(int(state["epochs_done"]), float(state["seconds"]), [EpochRecord(**row) for row in state["history"]])
-    if (out / STATE_JSON).exists():
+        return
+    if out.exists() and not out.is_dir():
+        raise GlorocertError(f"--out {out} exists and is not a directory")
+    if resume:
+        _read_state(out)
+        return
+    present = [name for name in TRAIN_FILES if (out / name).exists()]
+    if STATE_JSON in present or STATE_TENSORS in present:
         raise GlorocertError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    if (out / "model.safetensors").exists():
-        raise GlorocertError(f"{out} already holds a trained model; choose another --out (or delete it first)")
-    return Resumed()
+    if present:
+        raise GlorocertError(f"{out} already holds {', '.join(present)}, which train would overwrite; choose another --out "
+                             "(or move those files away)")
+
+
+def open_run(out: Path | None, config: TrainConfig, model, optimizer, objective) -> Resumed:
+    """Check ``out`` (:func:`check_out_dir`) and, with ``config.resume``, restore its state. Creates nothing: the
+    directory appears with the first epoch's resume state."""
+    check_out_dir(out, config.resume)
+    if out is None or not config.resume:
+        return Resumed()
+    state = _read_state(out)
+    try:
+        saved = TrainConfig.from_dict(state["config"])
+    except (TypeError, KeyError) as exc:
+        raise GlorocertError(f"{out / STATE_JSON} was written by another glorocert version ({exc}); cannot resume") from None
+    config.check_resumable(saved)
+    _restore_tensors(out, state, model, optimizer, objective)
+    shutil.rmtree(out / STAGING, ignore_errors=True)  # left by a run killed while it made its results
+    return Resumed(int(state["epochs_done"]), float(state["seconds"]), [EpochRecord(**row) for row in state["history"]])
 
 
 def end_epoch(out: Path, model, optimizer, objective, config: TrainConfig, spec: dict,
-              history: list[EpochRecord], seconds: float) -> None:
-    """After each epoch: the log so far, and everything --resume needs to continue from here."""
-    write_log(out / "log.csv", history, objective.log_columns)
-    _save_state(out, model, optimizer, objective, {
-        "format": STATE_FORMAT,
-        "epochs_done": len(history),
-        "seconds": seconds,
-        "config": config.to_dict(),
-        "spec": spec,
-        "history": [dataclasses.asdict(r) for r in history],
-    })
+              history: list[EpochRecord], seconds: float, on_saved: Callable[[], None] | None = None) -> None:
+    """After each epoch: the log so far, and everything --resume needs to continue from here. The log and both
+    halves of the state are published together (SIGINT and SIGTERM held for the renames), so they always agree.
+    ``on_saved`` is called once they are complete, just before the renames: an interrupt that arrives during the
+    renames is delivered after them, so whoever it tells about the state hears of the new one."""
+    outputs = Outputs()
+    for name in (LOG, STATE_TENSORS, STATE_JSON):
+        outputs.add(out / name, "--out")
+    with outputs.publishing():
+        write_log(out / LOG, history, objective.log_columns)
+        _save_state(out, model, optimizer, objective, {
+            "format": STATE_FORMAT,
+            "epochs_done": len(history),
+            "seconds": seconds,
+            "config": config.to_dict(),
+            "spec": spec,
+            "history": [dataclasses.asdict(r) for r in history],
+        })
+        if on_saved is not None:
+            on_saved()
 
 
 def write_log(path: Path, history: list[EpochRecord], columns: tuple[str, ...]) -> None:
@@ -99,26 +134,42 @@ def _save_state(out: Path, model, optimizer, objective, state: dict[str, Any]) -
     for name, tensor in objective.state_tensors().items():
         tensors[name] = tensor.cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
+    state = jsonable({**state, "param_groups": optim_state["param_groups"]})
     with atomic_write(out / STATE_TENSORS) as tmp:
-        save_file(tensors, str(tmp), metadata={"glorocert_train_state": STATE_FORMAT})
-    state = dict(state)
-    state["param_groups"] = jsonable(optim_state["param_groups"])
-    state["tensors_sha256"] = sha256_of(out / STATE_TENSORS)
+        # the state rides in the header too: a kill -9 between the renames of the two halves still resumes
+        save_file(tensors, str(tmp), metadata={"glorocert_train_state": STATE_FORMAT, "state": json.dumps(state)})
+        state["tensors_sha256"] = sha256_of(tmp)
     write_text(out / STATE_JSON, json.dumps(state, indent=1))
 
 
 def _read_state(out: Path) -> dict[str, Any]:
-    """The JSON half of the resume state, checked against the tensors' hash."""
+    """The JSON half of the resume state, checked against the tensors' hash; where the two halves differ (a
+    kill -9 between their renames), the state the tensors carry in their header."""
     json_path, tensor_path = out / STATE_JSON, out / STATE_TENSORS
-    if not json_path.exists() or not tensor_path.exists():
+    if not tensor_path.exists() or not json_path.exists() and _embedded_state(tensor_path) is None:
         raise GlorocertError(f"nothing to resume in {out}: {STATE_JSON} / {STATE_TENSORS} not found")
+    problem = f"{tensor_path} does not match {json_path} (interrupted write?); cannot resume"
     try:
-        state = json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise GlorocertError(f"{json_path} is corrupt ({exc}); cannot resume") from None
-    if state.get("tensors_sha256") != sha256_of(tensor_path):
-        raise GlorocertError(f"{tensor_path} does not match {json_path} (interrupted write?); cannot resume")
-    return state
+        state = json.loads(json_path.read_text(encoding="utf-8")) if json_path.exists() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        state, problem = {}, f"{json_path} is corrupt ({exc}); cannot resume"
+    if isinstance(state, dict) and state.get("tensors_sha256") == sha256_of(tensor_path):
+        return state
+    embedded = _embedded_state(tensor_path)
+    if embedded is None:
+        raise GlorocertError(problem)
+    return embedded
+
+
+def _embedded_state(tensor_path: Path) -> dict[str, Any] | None:
+    """The state a tensors file carries in its header (None: none, or not readable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(tensor_path), "pt") as f:
+            return json.loads((f.metadata() or {})["state"])
+    except Exception:  # noqa: BLE001 — an older, damaged or foreign file: no state to fall back on
+        return None
 
 
 def _restore_tensors(out: Path, state: dict[str, Any], model, optimizer, objective) -> None:
