@@ -509,6 +509,7 @@ def main() -> None:
     """Entry point: one handler turns user errors into a one-line message and exit code 2, and Ctrl-C or
     SIGTERM into 130 or 143 with a line that says exactly what the run kept."""
     interrupt_on_sigterm()
+    Terminated.received = False  # this command's own signals only (tests run many commands in one process)
     try:
         code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising it here
     except GlorocertError as e:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glorocert.api import compute_bound, default_path
 from glorocert.loaders import load
 
 SHAPE = (1, 8, 8)
@@ -366,3 +367,10 @@ def pgd_pair_margins(
 def pgd_margin(forward, x, predicted, eps, **kwargs) -> torch.Tensor:
     """min over classes of :func:`pgd_pair_margins`: < 0 means an adversarial example was found."""
     return pgd_pair_margins(forward, x, predicted, eps, **kwargs).amin(dim=1)
+
+
+def chain_model_with_bound(root: Path) -> Path:
+    """A small ONNX model (``make_model("chain")``) saved as ROOT/model.onnx, with its frozen bound next to it."""
+    model = save_as(make_model("chain"), "onnx", root, "model")
+    compute_bound(load(model)).save(default_path(model))
+    return model

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from glorocert.api import compute_bound, default_path, load
+from glorocert.api import default_path
 from glorocert.data import open_dataset
 from glorocert.results import read_rows
-from helpers import make_model, run_main, save_as
+from helpers import chain_model_with_bound, run_main
 
 PARTIAL = ".glorocert-partial"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -38,8 +38,7 @@ NUM_SAMPLES = 30
 def originals(tmp_path_factory):
     """A small ONNX model with its frozen bound, and the same 30 digits as .npz, .npy (+ labels) and .csv."""
     root = tmp_path_factory.mktemp("policy-originals")
-    model = save_as(make_model("chain"), "onnx", root, "model")
-    compute_bound(load(model)).save(default_path(model))
+    chain_model_with_bound(root)
     batch = next(open_dataset("digits", limit=NUM_SAMPLES).batches(1000))
     x, y = batch.x.astype(np.float32), batch.y.astype(np.int64)
     np.savez(root / "digits.npz", x=x, y=y)

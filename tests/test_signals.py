@@ -39,9 +39,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from glorocert.api import compute_bound, default_path, load
 from glorocert.data import open_dataset
-from helpers import make_model, run_main, save_as
+from helpers import chain_model_with_bound, run_main
 
 ENTRY = [sys.executable, "-c", "from glorocert.launch import main; main()"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -59,8 +58,7 @@ N_TRAIN = 200
 def inputs(tmp_path_factory):
     """Read-only inputs: a small ONNX model with its frozen bound, 40 digits (.npz), 250 training digits (.npz)."""
     root = tmp_path_factory.mktemp("signal-inputs")
-    model = save_as(make_model("chain"), "onnx", root, "model")
-    compute_bound(load(model)).save(default_path(model))
+    chain_model_with_bound(root)
     batch = next(open_dataset("digits", limit=N_DATA).batches(1000))
     np.savez(root / "digits.npz", x=batch.x.astype(np.float32), y=batch.y.astype(np.int64))
     train = next(open_dataset("digits", split="train", limit=N_TRAIN + 50).batches(10_000))
@@ -646,6 +644,16 @@ def test_ctrl_c_while_train_writes_its_outputs_publishes_all_or_none_and_says_wh
     assert all((run / name).exists() for name in TRAIN_OUTPUTS)
 
 
+def _certify_interrupted(monkeypatch, capsys, inputs: Path, tmp_path: Path) -> tuple[int, str, Path]:
+    """Certify in-process (something in it raises the interrupt); exit code, the one interrupt line, the rows path."""
+    rows = tmp_path / "rows.csv"
+    code, _, err = run_main(monkeypatch, capsys, "certify", inputs / "model.onnx", "--data", inputs / "digits.npz",
+                            "--eps", "0.05", "--out", rows)
+    line, wrong = interrupt_line(err)
+    assert wrong is None, wrong
+    return code, line, rows
+
+
 def test_sigterm_while_a_command_runs_exits_143_and_says_terminated(monkeypatch, capsys, inputs, tmp_path):
     """SIGTERM (what `timeout`, container stops and CI cancellation send) is handled like Ctrl-C, with its own
     exit code: 143 and a line that says so, not Ctrl-C's 130 (typer turns every KeyboardInterrupt raised in a
@@ -657,11 +665,7 @@ def test_sigterm_while_a_command_runs_exits_143_and_says_terminated(monkeypatch,
         raise Terminated  # what the SIGTERM handler raises (the subprocess tests send the real signal)
 
     monkeypatch.setattr(render, "summary_table", terminated)
-    rows = tmp_path / "rows.csv"
-    code, _, err = run_main(monkeypatch, capsys, "certify", inputs / "model.onnx", "--data", inputs / "digits.npz",
-                            "--eps", "0.05", "--out", rows)
-    line, wrong = interrupt_line(err)
-    assert wrong is None, wrong
+    code, line, rows = _certify_interrupted(monkeypatch, capsys, inputs, tmp_path)
     assert code == 143, f"exit {code}: {line}"
     assert "SIGTERM" in line and str(rows) in line, line
 
@@ -719,10 +723,6 @@ def test_a_signal_while_onnxruntime_initialises_is_an_interrupt_not_an_import_er
 
     monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
     monkeypatch.setattr(sys, "meta_path", [InitialisationInterrupted(), *sys.meta_path])
-    rows = tmp_path / "rows.csv"
-    code, _, err = run_main(monkeypatch, capsys, "certify", inputs / "model.onnx", "--data", inputs / "digits.npz",
-                            "--eps", "0.05", "--out", rows)
-    line, wrong = interrupt_line(err)
-    assert wrong is None, wrong
+    code, line, rows = _certify_interrupted(monkeypatch, capsys, inputs, tmp_path)
     assert code == 143, f"exit {code}: {line}"
     assert not rows.exists()
