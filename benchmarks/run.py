@@ -4,7 +4,7 @@ These machines are shared and noisy, so every figure that matters is a ratio
 of two things measured in the same run, interleaved: bound ÷ exact spectral
 norm, certify ÷ plain forward pass, smoothing ÷ GloRo. Nothing here asserts.
 
-    python benchmarks/run.py [bounds] [certify] [local] [smoothing] [train] [train-steps]
+    python benchmarks/run.py [bounds] [brackets] [certify] [local] [smoothing] [train] [train-steps]
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from glorocert.lipschitz import operators  # noqa: E402
-from glorocert.lipschitz.compose import blocks_of, compose  # noqa: E402
+from glorocert.graph import Conv2d  # noqa: E402
+from glorocert.lipschitz import conv_bounds, operators  # noqa: E402
+from glorocert.lipschitz.compose import blocks_of, compose, fold_scales  # noqa: E402
+from glorocert.lipschitz.lanczos import lanczos_estimate  # noqa: E402
 from glorocert.loaders import load  # noqa: E402
 from glorocert.zoo import build  # noqa: E402
 
@@ -38,6 +40,16 @@ def exact_block_norm(block) -> float | None:
     return operators.norm_from_gram(operators.gram_matrix(block.homogeneous, block.in_shape, block.out_shape))
 
 
+def exported_graph(model: torch.nn.Module, shape: tuple[int, ...], name: str):
+    """The model exported to ONNX (legacy exporter, opset 17, dynamic batch) and loaded back: its IR graph."""
+    buffer = io.BytesIO()
+    torch.onnx.export(model.eval(), (torch.zeros(1, *shape),), buffer, dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    path = Path(f"/tmp/bench-{name}.onnx")
+    path.write_bytes(buffer.getvalue())
+    return load(path).graph
+
+
 def bench_bounds() -> None:
     table = Table(title="Lipschitz bound: time and tightness (per linear block: upper ÷ exact, estimate ÷ exact)")
     for col in ("arch", "input", "seconds", "global upper", "global est.", "worst upper/exact", "worst est./exact", "methods"):
@@ -45,13 +57,8 @@ def bench_bounds() -> None:
     torch.manual_seed(0)
     for arch in ("2c2f", "4c3f", "6c2f"):
         for shape in ((1, 28, 28), (3, 32, 32)):
-            model = build({"arch": arch, "activation": "relu", "input_shape": list(shape), "num_classes": 10}).eval()
-            buffer = io.BytesIO()
-            torch.onnx.export(model, (torch.zeros(1, *shape),), buffer, dynamo=False, opset_version=17,
-                              input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
-            path = Path(f"/tmp/bench-{arch}-{shape[0]}.onnx")
-            path.write_bytes(buffer.getvalue())
-            graph = load(path).graph
+            model = build({"arch": arch, "activation": "relu", "input_shape": list(shape), "num_classes": 10})
+            graph = exported_graph(model, shape, f"{arch}-{shape[0]}")
             t0 = time.perf_counter()
             result = compose(graph)
             seconds = time.perf_counter() - t0
@@ -69,6 +76,57 @@ def bench_bounds() -> None:
             table.add_row(arch, "×".join(map(str, shape)), f"{seconds:.1f}", f"{result.global_upper:.5g}",
                           f"{result.global_estimate:.5g}", f"{worst_up:.6f}", f"{worst_est:.6f}", ",".join(sorted(methods)))
             console.print(f"  {arch} {shape}: {seconds:.1f}s")
+    console.print(table)
+
+
+class ResidualCifar(torch.nn.Module):
+    """≈1M parameters: a 3×3 stem to 64 channels, four blocks x + conv(relu(conv(x))) at 32×32, a linear head."""
+
+    def __init__(self, width: int = 64, blocks: int = 4, classes: int = 10):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(width, width, 3, padding=1)) for _ in range(blocks))
+        self.head = torch.nn.Linear(width * 32 * 32, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for block in self.blocks:
+            x = torch.relu(x + block(x))
+        return self.head(x.flatten(1))
+
+
+def bench_bound_brackets() -> None:
+    """Per linear block: the guaranteed upper bound over a true lower bound (float64 Lanczos to 1e-9, whose value
+    ‖Ay‖/‖y‖ for an explicit y is ≤ σ_max), so upper/lower brackets the bound's ratio to the exact norm from above;
+    and compose()'s seconds, the whole bound of the model."""
+    torch.manual_seed(0)
+    residual = ResidualCifar()
+    cases = [("6c2f", (1, 28, 28), build({"arch": "6c2f", "activation": "relu", "input_shape": [1, 28, 28], "num_classes": 10})),
+             ("6c2f", (3, 32, 32), build({"arch": "6c2f", "activation": "relu", "input_shape": [3, 32, 32], "num_classes": 10})),
+             (f"residual {sum(p.numel() for p in residual.parameters()) / 1e6:.2f}M", (3, 32, 32), residual)]
+    table = Table(title="per linear block: guaranteed upper (and the circulant bound alone) ÷ true lower bound (Lanczos), "
+                        "estimate ÷ lower; compose() seconds")
+    for col in ("model", "block", "method", "upper", "lower", "upper/lower", "circulant/lower", "est./lower", "compose s"):
+        table.add_column(col)
+    for name, shape, model in cases:
+        graph = exported_graph(model, shape, name.split()[0] + f"-{shape[0]}")
+        t0 = time.perf_counter()
+        result = compose(graph)
+        seconds = time.perf_counter() - t0
+        by_name = {b.name: b for b in result.blocks}
+        for k, block in enumerate(b for b in blocks_of(graph) if b.linear):
+            bound = by_name[block.name]
+            lower = lanczos_estimate(block.homogeneous, block.in_shape, tol=1e-9, max_iter=4000).value
+            if bound.method == "exact":
+                lower = max(lower, bound.upper / (1 + operators.FLOAT_MARGIN))  # the exact norm itself
+            ops = fold_scales(block.nodes)  # the circulant bound alone, for a block that is one convolution
+            circulant = conv_bounds.circulant_bound(ops[0], block.in_shape) if len(ops) == 1 and isinstance(ops[0], Conv2d) else None
+            table.add_row(name if k == 0 else "", block.description[:34], bound.method, f"{bound.upper:.6f}", f"{lower:.6f}",
+                          f"{bound.upper / lower:.5f}", f"{circulant / lower:.5f}" if circulant else "",
+                          f"{bound.estimate / lower:.6f}", f"{seconds:.2f}" if k == 0 else "")
+        console.print(f"  {name} {shape}: compose {seconds:.2f}s")
     console.print(table)
 
 
@@ -302,8 +360,8 @@ def bench_train_steps(rounds: int = 20, kw_rounds: int = 3, batch: int = 50) -> 
         table.add_row(method, f"{t:.4f}", f"{t / base:.1f}×")
     console.print(table)
 
-SECTIONS = {"bounds": bench_bounds, "certify": bench_certify, "local": bench_local, "smoothing": bench_smoothing,
-            "train": bench_train, "train-steps": bench_train_steps}
+SECTIONS = {"bounds": bench_bounds, "brackets": bench_bound_brackets, "certify": bench_certify, "local": bench_local,
+            "smoothing": bench_smoothing, "train": bench_train, "train-steps": bench_train_steps}
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_rss"]:

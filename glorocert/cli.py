@@ -23,7 +23,7 @@ import typer
 from rich.markup import escape
 
 from glorocert import api, files, render, results
-from glorocert.errors import GlorocertError, Terminated, caused_by_interrupt, interrupt_on_sigterm
+from glorocert.errors import GlorocertError, InputShapeNeeded, Terminated, caused_by_interrupt, interrupt_on_sigterm
 from glorocert.render import err, out
 from glorocert.studies import audit, compare_local, compare_rs, lower_bound
 from glorocert.train import (SMOOTHING_METHODS, TRAIN_FILES, RobustSettings, SmoothingSettings, TrainConfig, check_out_dir,
@@ -42,7 +42,8 @@ _RUN: dict[str, files.Outputs | None] = {"outputs": None}  # the running command
 
 # options shared by every command that loads a model
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .onnx, TorchScript (.pt), torch.export (.pt2) or a glorocert checkpoint (.safetensors).", show_default=False)]
-InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Per-sample input shape C,H,W when the model does not record it (TorchScript), e.g. 1,28,28.")]
+InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Per-sample input shape C,H,W when the model does not record it (TorchScript), e.g. 1,28,28; commands that read --data take it from the data.")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", help="The logits tensor to certify, for a model with several outputs (or any tensor of the graph). A final Softmax/LogSoftmax is recognised without it.")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled nn.Module (torch.save(model)); pickles can run arbitrary code.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (falls back to the CPU with a message).")]
 BoundOpt = Annotated[Optional[Path], typer.Option("--bound", help="Bound JSON (default: MODEL.bound.json next to the model, computed and cached if absent).")]
@@ -61,9 +62,18 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
     DEBUG["on"] = debug
 
 
-def _load(model: Path, input_shape: str | None, trust_pickle: bool, device: str) -> api.Model:
+def _load(model: Path, input_shape: str | None, trust_pickle: bool, device: str, output: str | None = None,
+          data: "DataOptions | None" = None) -> api.Model:
+    """Load ``model``; the per-sample shape of ``data`` stands in for an input shape the file does not record."""
+    shape = api.parse_shape(input_shape)
+    options = dict(trust_pickle=trust_pickle, device=device, output=output)
     with err.status(f"loading {model} and checking the converted graph against it…"):
-        loaded = api.load(model, input_shape=api.parse_shape(input_shape), trust_pickle=trust_pickle, device=device)
+        try:
+            loaded = api.load(model, input_shape=shape, **options)
+        except InputShapeNeeded:
+            if data is None:
+                raise
+            loaded = api.load(model, data_shape=data.sample_shape(), **options)
     for message in loaded.notes:
         err.print(render.note(message))
     return loaded
@@ -89,7 +99,7 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 class DataOptions:
     """Which samples a command reads: the data options, declared once here for every command that reads a dataset."""
 
-    data: Annotated[str, typer.Option("--data", help="mnist-5k, fashion-mnist, digits, or a file: .npz, .npy (+ --labels), .csv, image folder.")] = "mnist-5k"
+    data: Annotated[str, typer.Option("--data", help="mnist-5k, fashion-mnist, digits, or a file: .npz, .npy (+ --labels), .csv, image folder, Parquet shards (directory or glob, from `glorocert data export`).")] = "mnist-5k"
     split: Annotated[str, typer.Option("--split", help="train or test (built-in datasets).")] = "test"
     labels: Annotated[Optional[Path], typer.Option("--labels", help="Labels .npy for a .npy input file.")] = None
     start: Annotated[int, typer.Option("--start", help="First sample.")] = 0
@@ -108,6 +118,11 @@ class DataOptions:
     def inputs(self) -> list[Path]:
         """The files the data options name (a built-in dataset's name is no file), so that no output overwrites them."""
         return [Path(p) for p in (self.data, self.labels) if p is not None and str(p) not in api.BUILTINS]
+
+    def sample_shape(self) -> tuple[int, ...]:
+        """The data's per-sample shape, read without a model (for a model file that does not record its own)."""
+        options = self.parsed()
+        return tuple(api.open_dataset(options.pop("data"), **options).shape)
 
     def open(self, model: api.Model | None) -> api.Dataset:
         """The dataset, for ``model``'s input shape (any shape without a model); prints its notes (scaling, labels)."""
@@ -150,12 +165,13 @@ def reads_data(**defaults):
 def bound_command(
     model: ModelArg,
     input_shape: InputShape = None,
+    output: OutputOpt = None,
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Where to write the bound JSON (default: MODEL.bound.json next to the model).")] = None,
     mode: Annotated[str, typer.Option("--mode", help="sound: guaranteed upper bounds (default). estimate: power iteration only, as in the GloRo paper — NOT a certificate.")] = "sound",
     tol: Annotated[float, typer.Option("--tol", help="Power-iteration convergence: relative eigen-residual ‖AᵀAx − λx‖/λ.")] = 1e-4,
     max_iter: Annotated[int, typer.Option("--max-iter", help="Power-iteration cap per operator.")] = 5000,
     lower: Annotated[bool, typer.Option("--lower", help="Also search for an empirical LOWER bound (largest local Jacobian norm found on mnist-style random inputs) and report upper ÷ lower.")] = False,
-    exact_side: Annotated[int, typer.Option("--exact-side", help="Bound a linear block exactly when its smaller side has at most this many units (cost grows as its cube); larger convolutions get the circulant bound.")] = 2048,
+    exact_side: Annotated[int, typer.Option("--exact-side", help="Bound a linear block exactly when its smaller side has at most this many units (cost grows as its cube); larger convolutions get the smaller of the circulant and circulant-box bounds.")] = 2048,
     mean: MeanOpt = None,
     std: StdOpt = None,
     trust_pickle: TrustPickle = False,
@@ -168,7 +184,7 @@ def bound_command(
     api.check_bound_settings(mode, tol, max_iter)  # before any work
     outputs = _outputs(model)
     target = outputs.add(out_path or api.default_path(model), "--out", (".json",))
-    loaded = _load(model, input_shape, trust_pickle, device)
+    loaded = _load(model, input_shape, trust_pickle, device, output)
     normalization = api.Normalization.of(_floats(mean, "--mean"), _floats(std, "--std"))
     with render.progress_bar() as progress:
         task = progress.add_task("bounding", total=len(loaded.graph.nodes))
@@ -203,6 +219,7 @@ def certify_command(
     fallback: FallbackOpt = "bcp",
     fail_under: Annotated[Optional[float], typer.Option("--fail-under", help="Exit 1 when the VRA at the largest ε is below this fraction (e.g. 0.9).")] = None,
     input_shape: InputShape = None,
+    output: OutputOpt = None,
     trust_pickle: TrustPickle = False,
 ) -> None:
     """Certify a whole dataset in one forward pass per batch: prediction, ⊥ flag and certified l2 radius per sample.
@@ -216,7 +233,7 @@ def certify_command(
     outputs.add(out_path, "--out", results.ROW_FORMATS)
     outputs.add(summary_path, "--summary", (".json",))
     outputs.add(plot, "--plot", results.PLOT_FORMATS)
-    loaded = _load(model, input_shape, trust_pickle, device)
+    loaded = _load(model, input_shape, trust_pickle, device, output, data_options)
     dataset = data_options.open(loaded)
     if fail_under is not None and not dataset.has_labels:
         raise GlorocertError(f"--fail-under checks the VRA, which needs labels, and {dataset.name} has none (only the "
@@ -266,6 +283,7 @@ def compare_rs_command(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Both certified-accuracy curves on one figure.")] = None,
     verify_bound: VerifyBoundOpt = False,
     input_shape: InputShape = None,
+    output: OutputOpt = None,
     device: Device = "cpu",
     trust_pickle: TrustPickle = False,
 ) -> None:
@@ -282,8 +300,8 @@ def compare_rs_command(
     outputs = _outputs(gloro_model, base, api.default_path(gloro_model), *data_options.inputs())
     outputs.add_directory(out_dir, "--out", compare_rs.RESULT_FILES)
     outputs.add(plot, "--plot", results.PLOT_FORMATS)
-    gloro_loaded = _load(gloro_model, input_shape, trust_pickle, device)
-    base_loaded = _load(base, input_shape, trust_pickle, device) if base else gloro_loaded
+    gloro_loaded = _load(gloro_model, input_shape, trust_pickle, device, output, data_options)
+    base_loaded = _load(base, input_shape, trust_pickle, device, output, data_options) if base else gloro_loaded
     dataset = data_options.open(gloro_loaded)
     # the manifest is resume state: written now, not staged with the results
     compare_rs.start_run(out_dir, resume, compare_rs.run_manifest(gloro_loaded, base_loaded, dataset, **parameters))
@@ -317,6 +335,7 @@ def compare_local_command(
     batch_size: BatchSizeOpt = 256,
     device: Device = "cpu",
     input_shape: InputShape = None,
+    output: OutputOpt = None,
     trust_pickle: TrustPickle = False,
 ) -> None:
     """Compare certifiers on your model and data (the GloRo paper's Fig. 4b): VRA per ε, time and peak memory of gloro, BCP, KW and the cascade.
@@ -329,11 +348,12 @@ def compare_local_command(
     """
     outputs = _outputs(model, api.default_path(model), bound_path, *data_options.inputs())
     outputs.add(json_path, "--json", (".json",))
-    if not data_options.open(None).has_labels:  # opened once here (printing its notes) before any method's process starts
+    dataset = data_options.open(None)  # opened once here (printing its notes) before any method's process starts
+    if not dataset.has_labels:
         raise GlorocertError(f"compare-local compares VRA, which needs labels, and {data_options.data} has none; give labelled "
                              "data (--labels for a .npy, y in an .npz, a label column in a CSV) or use certify")
     source = compare_local.Source(model=str(model), **data_options.parsed(), input_shape=api.parse_shape(input_shape),
-                                  trust_pickle=trust_pickle, device=device)
+                                  data_shape=tuple(dataset.shape), output=output, trust_pickle=trust_pickle, device=device)
     with err.status(f"loading {model} and {data_options.data}, checking the converted graph, resolving the bound…") as status:
         report = compare_local.compare_local(
             source, _floats(eps, "--eps"), methods=methods, kw_limit=kw_limit, batch_size=batch_size, fallback=fallback,
@@ -365,6 +385,7 @@ def audit_command(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory for audit.json and one .npz per violation.")] = None,
     device: Device = "cpu",
     input_shape: InputShape = None,
+    output: OutputOpt = None,
     trust_pickle: TrustPickle = False,
 ) -> None:
     """Attack every certified sample inside its certified radius; exit 1 if any attack succeeds (a violation).
@@ -378,7 +399,7 @@ def audit_command(
     audit.check_parameters(steps, restarts)
     outputs = _outputs(model, bound_path, api.default_path(model), *data_options.inputs())
     outputs.add_directory(out_dir, "--out", ("audit.json",))
-    loaded = _load(model, input_shape, trust_pickle, device)
+    loaded = _load(model, input_shape, trust_pickle, device, output, data_options)
     dataset = data_options.open(loaded)
     if verify_bound:
         with err.status("recomputing the bound from the model (--verify-bound)…"):
@@ -416,12 +437,47 @@ def export_command(
     outputs = _outputs(model, bound_path, api.default_path(model))
     outputs.add(out_path, "OUT_PATH", (".onnx",))
     loaded = _load(model, None, False, device)
+    if loaded.output:
+        raise GlorocertError(f"{model}: its certified logits ({loaded.output!r}) are not the file's output; export appends "
+                             "the ⊥ logit to the file's own output, so re-export the model to output its logits first")
     bound, source = api.resolve_bound(loaded, bound_path, None)
     if bound.mode != "sound":
         err.print("[yellow]warning:[/] the bound is an ESTIMATE; the exported ⊥ logit certifies nothing")
     with outputs.publishing():
         path = api.export_gloro_onnx(model, bound.margin_matrix, eps, out_path, rounding_rtol=loaded.rounding_rtol)
     out.print(render.export_line(path, loaded.num_classes, eps, source, bound.mode))
+
+
+data_app = typer.Typer(help="Datasets: write any dataset as Parquet shards, which every command then reads with --data DIR.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("export")
+@reads_data(data="")
+def data_export_command(
+    source: Annotated[str, typer.Argument(help="Dataset to export: mnist-5k, fashion-mnist, digits, .npz, .npy (+ --labels), .csv, an image folder or shards.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for part-00000.parquet, … and _manifest.json (new, empty, or a former export).")],
+    data_options: DataOptions,
+    shard_rows: Annotated[int, typer.Option("--shard-rows", help="Samples per shard.")] = 10_000,
+) -> None:
+    """Write a dataset as Parquet shards: sample index, x (fixed-shape float32 tensor in [0, 1]) and label, plus a manifest.
+
+    Every command reads the result with --data DIR (or a glob such as 'DIR/part-*.parquet').
+
+    Example: glorocert data export mnist-5k --split train --out out/mnist-train --shard-rows 1000
+    """
+    if data_options.data:
+        raise GlorocertError(f"give the dataset to export as SOURCE ({source}), not --data {data_options.data}")
+    if shard_rows < 1:
+        raise GlorocertError(f"--shard-rows {shard_rows}: expected at least 1")
+    data_options = dataclasses.replace(data_options, data=source)
+    outputs = _outputs(*data_options.inputs())
+    outputs.add_directory(out_dir, "--out", (api.SHARD_MANIFEST,))
+    dataset = data_options.open(None)
+    with render.progress_bar() as progress, outputs.publishing():
+        task = progress.add_task("exporting", total=dataset.num_samples)
+        paths = api.export_shards(dataset, out_dir, shard_rows, progress=lambda n: progress.advance(task, n))
+    out.print(f"wrote {dataset.num_samples} samples of {dataset.name} as {len(paths)} shard(s) to {out_dir}")
 
 
 @app.command()

@@ -40,14 +40,30 @@ are never unpickled. ``.npy`` inputs are memory-mapped and ``.csv`` files and
 image folders are read one batch at a time, so a dataset larger than memory
 is never loaded whole; NaN/inf pixels are therefore reported when the batch
 holding them is produced, naming the file and the row.
+
+Parquet shards (:func:`export_shards`, ``glorocert data export``): any of the
+above written once as ``part-00000.parquet``, … with columns ``index`` (the
+sample's index in the source), ``x`` (a ``fixed_shape_tensor`` of float32,
+channels first, already in [0, 1]) and ``label`` (absent when unlabelled), the
+schema metadata ``glorocert`` (format, shape, source, …) and, written last, a
+``_manifest.json`` listing every shard with its rows, size and sha256. A shard
+directory, one shard or a glob of shards reads back as the same samples, bit
+for bit, one shard at a time; batch indices are the stored source indices. A
+directory without a valid manifest (an export that did not finish) is refused,
+and each shard's sha256 is checked when its samples are first read.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import csv
+import glob
 import gzip
+import json
 import math
 import os
+import re
 import struct
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -57,10 +73,12 @@ from pathlib import Path
 
 import numpy as np
 
+from glorocert._version import __version__
 from glorocert.errors import GlorocertError
+from glorocert.files import PARTIAL, atomic_write, sha256_of, write_json
 from glorocert.normalization import Normalization
 
-__all__ = ["BUILTINS", "Batch", "Dataset", "from_arrays", "open_dataset", "read_idx", "stratified_split"]
+__all__ = ["BUILTINS", "Batch", "Dataset", "export_shards", "from_arrays", "open_dataset", "read_idx", "stratified_split"]
 
 BUILTINS = ("mnist-5k", "digits", "fashion-mnist")
 SPLITS = ("train", "test")
@@ -69,6 +87,11 @@ SCALES = ("auto", "none", "255")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _SCAN_ELEMENTS = 1 << 22  # elements per chunk when scanning a memmap for its maximum
+SHARD_FORMAT = 1  # the version of the shard layout (schema metadata "glorocert" and _manifest.json)
+MANIFEST = "_manifest.json"
+_SHARD_NAME = re.compile(r"part-(\d{5,})\.parquet")
+_ROW_GROUP_BYTES = 1 << 26  # an export writes (and a read holds) at most about this many bytes of pixels at a time
+_REEXPORT = "re-run `glorocert data export` to write the shards again"
 
 
 @dataclass
@@ -91,6 +114,8 @@ class _Source:
     forced_layout: str | None = None  # image folders know their layout
     notes: list[str]  # what the user should know about how the file was read (Dataset.notes)
     label_hint: str | None = None  # a headerless CSV whose first column looks like labels: how to mark it
+    indices: np.ndarray | None = None  # each row's sample index when it is not its position (shards store theirs)
+    num_classes: int | None = None  # the number of classes when the source records it (shards)
 
     def chunks(self, start: int, stop: int, size: int) -> Iterator[np.ndarray]:
         """Raw rows ``[start, stop)`` as consecutive arrays of ``size`` rows (the last may be shorter)."""
@@ -332,7 +357,8 @@ class Dataset:
                     "give raw pixels (0..1 or 0..255, see --scale) and pass any normalisation as --mean/--std"
                 )
             y = None if source.labels is None else source.labels[lo : lo + n].copy()  # callers may mutate
-            yield Batch(index=np.arange(lo, lo + n, dtype=np.int64), x=x, y=y)
+            index = np.arange(lo, lo + n, dtype=np.int64) if source.indices is None else source.indices[lo : lo + n].copy()
+            yield Batch(index=index, x=x, y=y)
             lo += n
 
 
@@ -424,7 +450,7 @@ def _open_source(text: str, split: str, labels, scale: str, x_key: str, y_key: s
         array, ys, divisor = _builtin(text, split)
         return _ArraySource(array, f"{text}[{split}]", ys), f"{text}[{split}]", 10, divisor
     path = Path(text)
-    if not path.exists():
+    if not path.exists() and not _is_glob(text):
         if path.suffix == "" and os.sep not in text:
             raise GlorocertError(f"unknown dataset {text!r}: not a file, and the built-in datasets are {', '.join(BUILTINS)}")
         raise GlorocertError(f"data file {text} does not exist")
@@ -438,6 +464,7 @@ def _open_source(text: str, split: str, labels, scale: str, x_key: str, y_key: s
     if source.labels is not None:
         source.labels = _check_labels(source.labels, source, source.length)
         num_classes = int(source.labels.max()) + 1 if len(source.labels) else None
+        num_classes = max(num_classes or 0, source.num_classes or 0) or None
     return source, text, num_classes, divisor
 
 
@@ -526,8 +553,12 @@ def _idx_file(root: Path, stem: str) -> Path:
 
 def _open_file(path: Path, labels: str | os.PathLike | None, x_key: str, y_key: str) -> _Source:
     suffix = path.suffix.lower()
-    if path.is_dir():
-        source: _Source = _ImageFolderSource(path)
+    manifests: dict[Path, dict] = {}
+    shards = _shard_paths(os.fspath(path), manifests)
+    if shards is not None:
+        source: _Source = _ShardSource(os.fspath(path), shards, manifests)
+    elif path.is_dir():
+        source = _ImageFolderSource(path)
     elif suffix == ".npy":
         source = _ArraySource(_load_npy(path), str(path))
     elif suffix == ".npz":
@@ -535,7 +566,8 @@ def _open_file(path: Path, labels: str | os.PathLike | None, x_key: str, y_key: 
     elif suffix == ".csv":
         source = _CsvSource(path)
     else:
-        raise GlorocertError(f"{path}: unsupported data format {suffix or '(no extension)'}; use .npy, .npz, .csv or an image folder")
+        raise GlorocertError(f"{path}: unsupported data format {suffix or '(no extension)'}; use .npy, .npz, .csv or an image "
+                             "folder, or Parquet shards (a directory, a .parquet file or a glob)")
     if labels is not None:
         if not isinstance(source, _ArraySource):
             raise GlorocertError(f"a separate labels file only applies to .npy/.npz inputs, not {path}")
@@ -634,7 +666,7 @@ def _rebatch(chunks: Iterable[np.ndarray], skip: int, count: int, size: int) -> 
     have = 0
     for chunk in chunks:
         if count <= 0:
-            return
+            break
         if skip >= len(chunk):
             skip -= len(chunk)
             continue
@@ -646,6 +678,8 @@ def _rebatch(chunks: Iterable[np.ndarray], skip: int, count: int, size: int) -> 
             joined = np.concatenate(pending)
             yield joined[:size]
             pending, have = [joined[size:]], have - size
+        if count <= 0:
+            break  # the rows are all here: read no further chunk (nor the next shard)
     if have:
         yield np.concatenate(pending)
 
@@ -656,6 +690,10 @@ def _rebatch(chunks: Iterable[np.ndarray], skip: int, count: int, size: int) -> 
 def _divisor(source: _Source, scale: str) -> tuple[float, str | None]:
     """The pixel divisor of a file, and for ``scale='auto'`` a note saying what was chosen and why (none for float
     pixels already within [0, 1], which are left as they are)."""
+    if isinstance(source, _ShardSource):
+        if scale != "auto":
+            raise GlorocertError(f"{source.where}: shards hold pixels already scaled to [0, 1] at export; drop --scale")
+        return 1.0, None
     if scale in ("255", "none"):
         return (255.0 if scale == "255" else 1.0), None
     if isinstance(source, _ImageFolderSource):
@@ -670,6 +708,8 @@ def _divisor(source: _Source, scale: str) -> tuple[float, str | None]:
 
 def _layout(source: _Source, layout: str, input_shape: tuple[int, ...] | None, divisor: float):
     """Per-sample shape (channels first) and the raw-batch → float32 conversion."""
+    if isinstance(source, _ShardSource):
+        return _shard_layout(source, input_shape)
     raw = source.raw_shape
     layout = source.forced_layout or layout
     transpose = False
@@ -738,3 +778,292 @@ def _per_channel(mean, std, channels: int) -> Normalization | None:
             raise GlorocertError(f"{what} has {len(values)} values but the data has {channels} channels; give one per channel")
     mean, std = norm.per_channel(channels)
     return Normalization(tuple(mean.tolist()), tuple(std.tolist()))
+
+
+# --------------------------------------------------------------------------- Parquet shards
+
+
+class _ShardSource(_Source):
+    """Shards written by :func:`export_shards`, checked against their manifests at open (sizes, rows, schema) and
+    streamed one shard at a time; each shard's sha256 is checked the first time its samples are read."""
+
+    def __init__(self, where: str, paths: list[Path], manifests: dict[Path, dict]):
+        self.where, self.notes, self.dtype, self.forced_layout = where, [], np.dtype(np.float32), "nchw"
+        self.paths, self.sha256, self._verified = list(paths), [], set()
+        indices, labels, first, classes = [], [], None, 0
+        for path in self.paths:
+            header, entry, index, y = _open_shard(path, manifests)
+            if first is None:
+                first = header
+            elif (header["shape"], header["labelled"]) != (first["shape"], first["labelled"]):
+                raise GlorocertError(f"{path}: its samples (shape {header['shape']}, labelled: {header['labelled']}) differ from "
+                                     f"those of {self.paths[0]} (shape {first['shape']}, labelled: {first['labelled']}); "
+                                     "give the shards of one export")
+            self.sha256.append(entry["sha256"])
+            indices.append(index)
+            labels.append(y)
+            classes = max(classes, header.get("num_classes") or 0)
+        assert first is not None
+        self.shape = self.raw_shape = tuple(first["shape"])
+        self.offsets = np.cumsum([0] + [len(i) for i in indices]).tolist()
+        self.length, self.indices = self.offsets[-1], np.concatenate(indices).astype(np.int64)
+        self.labels = np.concatenate(labels) if first["labelled"] else None
+        self.num_classes = classes or None
+
+    def chunks(self, start: int, stop: int, size: int) -> Iterator[np.ndarray]:
+        k = bisect.bisect_right(self.offsets, start) - 1
+        return _rebatch(self._pixels(k, stop, size), start - self.offsets[k], stop - start, size)
+
+    def _pixels(self, k: int, stop: int, size: int) -> Iterator[np.ndarray]:
+        """Pixels of shard ``k`` onwards, up to the shard holding row ``stop - 1``, a few rows at a time."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        step = max(1, min(size, _ROW_GROUP_BYTES // (4 * math.prod(self.shape))))
+        while k < len(self.paths) and self.offsets[k] < stop:
+            path = self.paths[k]
+            self._verify(k)
+            try:
+                with pq.ParquetFile(path) as shard:
+                    for batch in shard.iter_batches(batch_size=step, columns=["x"]):
+                        yield batch.column(0).to_numpy_ndarray()
+            except (pa.ArrowException, OSError) as e:
+                raise GlorocertError(f"cannot read shard {path}: {_one_line(e)}; {_REEXPORT}") from e
+            k += 1
+
+    def _verify(self, k: int) -> None:
+        if k in self._verified:
+            return
+        try:
+            digest = sha256_of(self.paths[k])
+        except OSError as e:
+            raise GlorocertError(f"cannot read shard {self.paths[k]}: {e.strerror or e}; {_REEXPORT}") from e
+        if digest != self.sha256[k]:
+            raise GlorocertError(f"shard {self.paths[k]} is not the file that was exported (its sha256 differs from the one in "
+                                 f"{MANIFEST}): it was changed or damaged; {_REEXPORT}")
+        self._verified.add(k)
+
+    def row(self, i: int) -> str:
+        k = bisect.bisect_right(self.offsets, i) - 1
+        return f"row {i} ({self.paths[k].name}, sample index {int(self.indices[i])})"
+
+
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _shard_paths(text: str, manifests: dict[Path, dict]) -> list[Path] | None:
+    """The shards ``text`` names — a directory holding a manifest or .parquet files, a .parquet file, or a glob
+    of them (in shard order) — or None when it names no shards."""
+    path = Path(text)
+    if path.is_dir():
+        if not (path / MANIFEST).exists() and not any(path.glob("*.parquet")):
+            return None  # an image folder
+        manifest = _manifest(path, manifests)
+        return [path / entry["file"] for entry in manifest["shards"]]
+    if path.exists():
+        return [path] if path.suffix.lower() == ".parquet" else None
+    if not _is_glob(text):
+        return None
+    matches = sorted((Path(p) for p in glob.glob(text)), key=_shard_order)
+    if not matches:
+        raise GlorocertError(f"no files match {text!r}; give a shard directory or a glob of its shards, e.g. DIR/part-*.parquet")
+    for match in matches:
+        if match.suffix.lower() != ".parquet" or not match.is_file():
+            raise GlorocertError(f"{text!r} matches {match}, which is not a Parquet shard; give a glob of shards, e.g. DIR/part-*.parquet")
+    return matches
+
+
+def _shard_order(path: Path) -> tuple[str, int, str]:
+    number = _SHARD_NAME.fullmatch(path.name)
+    return os.fspath(path.parent), int(number.group(1)) if number else -1, path.name
+
+
+def _manifest(directory: Path, manifests: dict[Path, dict]) -> dict:
+    """The validated manifest of a shard directory (read once per open)."""
+    key = Path(os.path.abspath(directory))
+    if key in manifests:
+        return manifests[key]
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise GlorocertError(f"{directory} has no {MANIFEST}, so its export did not finish (or glorocert did not write it); {_REEXPORT}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        shards = manifest["shards"]
+        valid = manifest["format"] == SHARD_FORMAT and isinstance(shards, list) and len(shards) > 0 and all(
+            isinstance(e["file"], str) and _SHARD_NAME.fullmatch(e["file"]) and isinstance(e["sha256"], str)
+            and isinstance(e["rows"], int) and isinstance(e["bytes"], int) for e in shards)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        raise GlorocertError(f"{path} is not a valid glorocert shard manifest (damaged, or written by another version); {_REEXPORT}")
+    manifests[key] = manifest
+    return manifest
+
+
+def _open_shard(path: Path, manifests: dict[Path, dict]) -> tuple[dict, dict, np.ndarray, np.ndarray | None]:
+    """A shard's header, manifest entry, sample indices and labels; refuses a foreign, changed or damaged file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise GlorocertError(f"shard {path} is missing; {_REEXPORT}")
+    try:
+        with pq.ParquetFile(path) as shard:
+            header = _shard_header_of(path, shard.schema_arrow)
+            entry = {e["file"]: e for e in _manifest(path.parent, manifests)["shards"]}.get(path.name)
+            if entry is None:
+                raise GlorocertError(f"shard {path} is not listed in {path.parent / MANIFEST}; {_REEXPORT}")
+            if path.stat().st_size != entry["bytes"] or shard.metadata.num_rows != entry["rows"]:
+                raise GlorocertError(f"shard {path} does not match {MANIFEST} (its size or row count changed since the "
+                                     f"export); {_REEXPORT}")
+            table = shard.read(columns=["index", "label"] if header["labelled"] else ["index"])
+    except (pa.ArrowException, OSError) as e:
+        raise GlorocertError(f"cannot read shard {path}: {_one_line(e)}; {_REEXPORT}") from e
+    index = table.column("index").to_numpy()
+    labels = table.column("label").to_numpy(zero_copy_only=False) if header["labelled"] else None
+    return header, entry, index, labels
+
+
+def _shard_header_of(path: Path, schema) -> dict:
+    """The ``glorocert`` schema metadata of a shard, checked against its columns."""
+    import pyarrow as pa
+
+    raw = (schema.metadata or {}).get(b"glorocert")
+    if raw is None:
+        raise GlorocertError(f"{path} is a Parquet file but not a glorocert shard (no 'glorocert' schema metadata); "
+                             "write shards with: glorocert data export SOURCE --out DIR")
+    try:
+        header = json.loads(raw)
+        shape = header["shape"]
+        classes = header.get("num_classes")
+        valid = (header["format"] == SHARD_FORMAT and header["scaled"] is True and isinstance(header["labelled"], bool)
+                 and (classes is None or (isinstance(classes, int) and classes > 0))
+                 and isinstance(shape, list) and len(shape) > 0 and all(isinstance(d, int) and d > 0 for d in shape))
+        columns = {"index": pa.int64(), "x": pa.fixed_shape_tensor(pa.float32(), shape)} if valid else {}
+        if valid and header["labelled"]:
+            columns["label"] = pa.int64()
+        valid = valid and all(name in schema.names and schema.field(name).type == t for name, t in columns.items())
+    except (ValueError, KeyError, TypeError, pa.ArrowException):
+        valid = False
+    if not valid:
+        raise GlorocertError(f"{path}: its glorocert metadata or columns are not those of a shard this version writes "
+                             f"(format {SHARD_FORMAT}: index, x as float32 tensors, label); {_REEXPORT}")
+    return header
+
+
+def _shard_layout(source: _ShardSource, input_shape: tuple[int, ...] | None):
+    """Shards hold channels-first samples of their recorded shape; ``input_shape`` may only regroup their values."""
+    shape = source.shape
+    if input_shape is not None:
+        input_shape = tuple(int(d) for d in input_shape)
+        if math.prod(input_shape) != math.prod(shape):
+            raise GlorocertError(f"{source.where}: samples have shape {shape} ({math.prod(shape)} values), "
+                                 f"input shape {input_shape} needs {math.prod(input_shape)}")
+        shape = input_shape
+    return shape, lambda batch: batch.astype(np.float32).reshape(len(batch), *shape)  # a writable copy
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def export_shards(dataset: Dataset, out_dir: str | os.PathLike, shard_rows: int,
+                  progress: Callable[[int], None] | None = None) -> list[Path]:
+    """Write ``dataset`` (its window, scaled to [0, 1], channels first) as Parquet shards of ``shard_rows`` rows
+    into ``out_dir``, then ``_manifest.json``; the shard paths, in order. ``progress(n)`` is told each ``n`` rows.
+
+    Each shard is written atomically and the manifest last, so an export that fails or is interrupted leaves no
+    directory that reads as data: the shards it wrote are removed (and the manifest of an earlier export into the
+    same directory is removed before anything is written). ``out_dir`` must be new, empty, or hold a former export.
+    """
+    if shard_rows < 1:
+        raise GlorocertError(f"shard rows must be at least 1 (got {shard_rows})")
+    if dataset.normalization is not None:
+        raise GlorocertError("shards hold [0, 1] pixels and no normalisation: drop --mean/--std here, and give them "
+                             "to the commands that read the shards")
+    out = Path(out_dir)
+    _check_export_dir(out, dataset)
+    created = not out.exists()
+    header = {"format": SHARD_FORMAT, "shape": list(dataset.shape), "scaled": True, "source": dataset.name,
+              "num_samples": dataset.num_samples, "num_classes": dataset.num_classes, "labelled": dataset.has_labels,
+              "glorocert_version": __version__}
+    written: list[Path] = []
+    try:
+        (out / MANIFEST).unlink(missing_ok=True)  # from here on, a former export here no longer reads as data
+        entries = _write_shards(dataset, out, shard_rows, header, progress, written)
+        write_json(out / MANIFEST, {**header, "shards": entries})
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if created:  # staged shards (inside Outputs.publishing) included: their stager's cleanup tolerates it
+            with contextlib.suppress(OSError):
+                for path in out.iterdir():
+                    if path.name.endswith(PARTIAL) or _SHARD_NAME.fullmatch(path.name) or path.name == MANIFEST:
+                        path.unlink(missing_ok=True)
+                out.rmdir()
+        raise
+    for stale in out.glob("part-*.parquet"):  # shards of a former, longer export
+        if stale not in written and _SHARD_NAME.fullmatch(stale.name):
+            stale.unlink(missing_ok=True)
+    return written
+
+
+def _check_export_dir(out: Path, dataset: Dataset) -> None:
+    """Refuse an output that is a file, a directory holding anything but a former export, or the shards being read."""
+    if out.exists() and not out.is_dir():
+        raise GlorocertError(f"--out {out} exists and is not a directory; give a directory for the shards")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir()
+                         if not (_SHARD_NAME.fullmatch(p.name) or p.name == MANIFEST or p.name.endswith(PARTIAL)))
+        if foreign:
+            raise GlorocertError(f"--out {out} holds files that are not glorocert shards ({', '.join(foreign[:3])}"
+                                 f"{', …' if len(foreign) > 3 else ''}); export into a new or empty directory")
+        source = dataset._source
+        if isinstance(source, _ShardSource) and any(os.path.samefile(p.parent, out) for p in source.paths if p.exists()):
+            raise GlorocertError(f"--out {out} holds the shards being exported; export into another directory")
+
+
+def _write_shards(dataset: Dataset, out: Path, shard_rows: int, header: dict,
+                  progress: Callable[[int], None] | None, written: list[Path]) -> list[dict]:
+    """Write the shards one by one (each atomically, a row group per batch); their manifest entries."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = [("index", pa.int64()), ("x", pa.fixed_shape_tensor(pa.float32(), list(dataset.shape)))]
+    schema = pa.schema(columns + ([("label", pa.int64())] if dataset.has_labels else []),
+                       metadata={"glorocert": json.dumps(header)})
+    step = max(1, min(shard_rows, _ROW_GROUP_BYTES // (4 * math.prod(dataset.shape))))
+    feed, entries = _RowFeed(dataset.batches(step)), []
+    for k, first in enumerate(range(0, dataset.num_samples, shard_rows)):
+        path, rows = out / f"part-{k:05d}.parquet", min(shard_rows, dataset.num_samples - first)
+        with atomic_write(path) as tmp:
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for batch in feed.take(rows):
+                    arrays = [pa.array(batch.index, pa.int64()), pa.FixedShapeTensorArray.from_numpy_ndarray(batch.x)]
+                    arrays += [pa.array(batch.y, pa.int64())] if batch.y is not None else []
+                    writer.write_table(pa.Table.from_arrays(arrays, schema=schema), row_group_size=len(batch.index))
+                    if progress is not None:
+                        progress(len(batch.index))
+            entries.append({"file": path.name, "rows": rows, "bytes": tmp.stat().st_size, "sha256": sha256_of(tmp)})
+        written.append(path)
+    return entries
+
+
+class _RowFeed:
+    """Batches cut to order: ``take(n)`` yields the next ``n`` rows, keeping the rest of a batch for the next call."""
+
+    def __init__(self, batches: Iterable[Batch]):
+        self.batches, self.left = iter(batches), None
+
+    def take(self, count: int) -> Iterator[Batch]:
+        while count > 0:
+            batch = self.left if self.left is not None else next(self.batches)
+            n = min(count, len(batch.index))
+            yield _rows(batch, slice(0, n))
+            self.left = _rows(batch, slice(n, None)) if n < len(batch.index) else None
+            count -= n
+
+
+def _rows(batch: Batch, rows: slice) -> Batch:
+    return Batch(index=batch.index[rows], x=batch.x[rows], y=None if batch.y is None else batch.y[rows])

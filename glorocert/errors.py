@@ -24,6 +24,10 @@ class UnsupportedOperator(GlorocertError):
         super().__init__(msg + (f": {hint}" if hint else ""))
 
 
+class InputShapeNeeded(GlorocertError):
+    """The model file does not record its per-sample input shape (TorchScript, a dynamic ONNX input)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what `timeout`, container stops and CI cancellation send), handled exactly as Ctrl-C is."""
 
@@ -53,3 +57,11 @@ def caused_by_interrupt(error: BaseException) -> bool:
 def interrupt_on_sigterm() -> None:
     """From now on SIGTERM raises :class:`Terminated` in the main thread, so every clean-up that Ctrl-C runs runs too."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """A library's (often multi-line) message as one complete line: whitespace collapsed, cut at a word with '…'."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    return flat[:limit].rsplit(" ", 1)[0] + " …"

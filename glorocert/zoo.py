@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from glorocert.errors import GlorocertError
+from glorocert.errors import GlorocertError, one_line
 from glorocert.files import atomic_write
 
 ARCHITECTURES = ("2c2f", "4c3f", "6c2f", "8c2f")
@@ -231,13 +231,12 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Sequential, dict[str, A
     try:
         tensors = load_file(str(path))
     except Exception as exc:
-        raise GlorocertError(f"cannot read checkpoint {path}: {exc}") from None
+        raise GlorocertError(f"cannot read checkpoint {path}: {one_line(str(exc))}") from None
     model = build(spec)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise GlorocertError(f"{path}: weights do not match the spec {spec}: {first}") from None
+        raise GlorocertError(f"{path}: weights do not match the spec {spec}: {one_line(str(exc))}") from None
     for name, tensor in model.state_dict().items():
         if not torch.isfinite(tensor).all():
             raise GlorocertError(f"{path}: tensor {name!r} contains NaN or inf")

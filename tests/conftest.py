@@ -83,7 +83,7 @@ def workspace(tmp_path_factory):
         "onnx": save_as(module, "onnx", models, "chain"),
         "torchscript": save_as(module, "torchscript", models, "chain"),
         "other_onnx": save_as(make_model("chain", seed=1), "onnx", models, "other"),
-        "gelu": save_as(make_model("gelu"), "onnx", models, "gelu"),
+        "square": save_as(make_model("square"), "onnx", models, "square"),
         "pickle": save_pickle(module, models / "pickled.pt"),
     }
     corrupt = models / "corrupt.onnx"

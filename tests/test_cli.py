@@ -93,8 +93,8 @@ BAD_INPUTS = {
     "corrupt_onnx": lambda w: ["certify", w["corrupt"], "--data", w["data"] / "digits.npz"],
     "corrupt_onnx_bound": lambda w: ["bound", w["corrupt"], "--out", "{out}/bound.json"],
     "pickled_module_without_trust": lambda w: ["certify", w["pickle"], "--input-shape", "1,8,8", "--data", w["data"] / "digits.npz"],
-    "unsupported_operator": lambda w: ["certify", w["gelu"], "--data", w["data"] / "digits.npz"],
-    "unsupported_operator_bound": lambda w: ["bound", w["gelu"], "--out", "{out}/bound.json"],
+    "unsupported_operator": lambda w: ["certify", w["square"], "--data", w["data"] / "digits.npz"],
+    "unsupported_operator_bound": lambda w: ["bound", w["square"], "--out", "{out}/bound.json"],
     "nan_pixel": lambda w: ["certify", w["onnx"], "--data", w["data"] / "nan.npy"],
     "wrong_input_shape": lambda w: ["certify", w["onnx"], "--data", w["data"] / "wrong_shape.npy"],
     "label_out_of_range": lambda w: ["certify", w["onnx"], "--data", w["data"] / "x.npy", "--labels", w["data"] / "labels_out_of_range.npy"],
@@ -110,7 +110,7 @@ BAD_INPUTS = {
 }
 EXPECTED_WORDS = {
     "pickled_module_without_trust": "--trust-pickle",
-    "unsupported_operator": "Erf",
+    "unsupported_operator": "Mul",
     "nan_pixel": "NaN",
     "label_out_of_range": "label",
     "stale_bound": "another model",

@@ -118,19 +118,25 @@ def test_missing_model_file_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_gelu_is_refused_naming_the_operator_and_node(tmp_path, fmt):
-    path = save_as(make_model("gelu"), fmt, tmp_path)
+def test_a_product_of_two_tensors_is_refused_naming_the_operator_and_node(tmp_path, fmt):
+    path = save_as(make_model("square"), fmt, tmp_path)
     with pytest.raises(UnsupportedOperator) as caught:
         load(path, input_shape=SHAPE)
-    assert caught.value.op == "Erf"  # GELU is exported as x·(1 + erf(x/√2))/2
-    assert caught.value.node and caught.value.node in str(caught.value) and "Erf" in str(caught.value)
+    assert caught.value.op == "Mul"  # x·x has no global Lipschitz bound (GELU, SiLU… are recognised: test_onnx_ops.py)
+    assert caught.value.node and caught.value.node in str(caught.value) and "Mul" in str(caught.value)
 
 
-def test_softmax_at_the_end_is_refused_with_advice_to_export_logits(tmp_path):
-    path = save_as(make_model("softmax"), "onnx", tmp_path)
-    with pytest.raises(UnsupportedOperator, match="logits") as caught:
-        load(path)
-    assert caught.value.op == "Softmax" and caught.value.node in str(caught.value)
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_final_softmax_is_recognised_and_the_logits_before_it_are_certified(tmp_path, fmt):
+    module = make_model("softmax")
+    model = load(save_as(module, fmt, tmp_path), input_shape=SHAPE)
+    assert model.output and any("Softmax" in note for note in model.notes)
+    x = torch.rand(32, *SHAPE)
+    with torch.no_grad():
+        logits = module[:-1](x).double()
+    assert torch.allclose(model.graph.forward(x.double()), logits, atol=1e-5)  # the logits, not the probabilities
+    assert np.allclose(model.runner(x.numpy()), logits.numpy(), atol=1e-5)  # the runner computes the same tensor
+    assert (logits.argmax(1) == module(x).argmax(1)).all()
 
 
 def test_onnx_operator_outside_the_ir_is_refused_naming_it_and_its_node(tmp_path):
@@ -138,21 +144,21 @@ def test_onnx_operator_outside_the_ir_is_refused_naming_it_and_its_node(tmp_path
     nodes = [
         helper.make_node("Flatten", ["input"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "w", "b"], ["hidden"], name="dense", transB=1),
-        helper.make_node("Softplus", ["hidden"], ["logits"], name="my_softplus"),
+        helper.make_node("Sin", ["hidden"], ["logits"], name="my_sin"),
     ]
     graph = helper.make_graph(
-        nodes, "softplus",
+        nodes, "sin",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *SHAPE])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         [numpy_helper.from_array(gen.standard_normal((10, 64)).astype(np.float32), "w"),
          numpy_helper.from_array(np.zeros(10, np.float32), "b")],
     )
-    path = tmp_path / "softplus.onnx"
+    path = tmp_path / "sin.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     with pytest.raises(UnsupportedOperator) as caught:
         load(path)
-    assert (caught.value.op, caught.value.node) == ("Softplus", "my_softplus")
-    assert "Softplus" in str(caught.value) and "my_softplus" in str(caught.value)
+    assert (caught.value.op, caught.value.node) == ("Sin", "my_sin")
+    assert "Sin" in str(caught.value) and "my_sin" in str(caught.value)
 
 
 # --------------------------------------------------------------------------- untrusted and broken files

@@ -190,6 +190,8 @@ def _assert_same(expected, actual, what: str) -> None:
 
 def _summary_view(summary: dict, tmp: Path | None = None) -> dict:
     view = {k: v for k, v in summary.items() if k not in SUMMARY_TIMING_KEYS}
+    if "certified_output" in view and view["certified_output"] is None:  # added after the goldens; None: as before
+        del view["certified_output"]
     if isinstance(view.get("runner"), str):  # "onnxruntime 1.32.0 (CPUExecutionProvider)": the runtime, not its version
         view["runner"] = re.sub(r"\d+(\.\d+)+\S*", "{version}", view["runner"])
     return _comparable(view, tmp)
@@ -197,6 +199,8 @@ def _summary_view(summary: dict, tmp: Path | None = None) -> dict:
 
 def _bound_view(bound: dict) -> dict:
     view = {k: v for k, v in bound.items() if k not in BOUND_VOLATILE_KEYS}
+    if view.get("output") == "":  # added after the goldens; empty: the file's one declared output, as before
+        del view["output"]
     view["blocks"] = [{k: v for k, v in b.items() if k not in BOUND_BLOCK_VOLATILE_KEYS} for b in view.get("blocks", [])]
     return _comparable(view)
 

@@ -121,6 +121,7 @@ def certify(
         summary.update(_local_report(local, rows, eps))
     summary.update(
         method=method, dataset=dataset.name, model=str(model.path), model_format=model.format,
+        certified_output=model.output or None,
         runner=model.runner.description, device=model.runner.device, bound_file=source, bound_mode=bound.mode,
         bound_model_sha256=bound.model_sha256, lipschitz=bound.lipschitz, margin_method=bound.margin_method,
         seconds=seconds, forward_seconds=forward_seconds,

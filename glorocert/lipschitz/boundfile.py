@@ -72,6 +72,7 @@ class Bound:
     max_iter: int
     seconds: float
     norm: str = "l2"
+    output: str = ""  # the certified tensor when it is not the model's one declared output (a Softmax tail, --output)
     tool_version: str = __version__
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
@@ -136,14 +137,17 @@ class Bound:
         return Normalization.same(normalization, Normalization.from_json(self.normalization))
 
     def check_matches(self, sha256: str, input_shape, normalization: Normalization | None, path: Path | str = "bound",
-                      recompute: str | None = None) -> None:
-        """Refuse a bound computed for another model file, shape or normalisation."""
+                      recompute: str | None = None, output: str = "") -> None:
+        """Refuse a bound computed for another model file, shape, normalisation or output tensor."""
         if sha256 != self.model_sha256:
             raise refusal(path, f"this bound belongs to another model file (sha256 {self.model_sha256[:12]}…, the model is "
                                 f"{sha256[:12]}…)", recompute)
         if list(input_shape) != list(self.input_shape):
             raise refusal(path, f"bound computed for input shape {self.input_shape}, the model takes {list(input_shape)}",
                           recompute)
+        if output != self.output:
+            raise refusal(path, f"bound computed for the output {self.output or '(the declared one)'!r}, this run certifies "
+                                f"{output or '(the declared one)'!r}", recompute)
         if not self.same_normalization(normalization):
             raise refusal(path, f"bound computed with input normalisation {self.normalization}, but this run uses "
                                 f"{None if normalization is None else normalization.to_json()}", recompute)

@@ -7,9 +7,11 @@
    bounds after folding per-channel scales into the adjacent conv/linear
    weights. Every other node is a block of its own.
 2. Bounds compose along the DAG: L(out) = L(segment)·L(in) for a segment,
-   c·L(in) for an activation with constant c, √m·L(in) for max pooling whose
-   windows share an input up to m times, L(a) + L(b) at an Add, and
-   √(L(a)² + L(b)²) at a Concat.
+   c·L(in) for an activation with constant c (1 for MinMax, GroupSort, Sort,
+   ReduceMax/Min and CReLU), √m·L(in) for max pooling whose windows share an
+   input up to m times, |c|·√(a·κ)·L(in) for l2-norm pooling c·√(a·avg(x²) + b)
+   (κ ≤ m/d for windows of divisor d: :func:`l2pool_lipschitz`), L(a) + L(b)
+   at an Add, and √(L(a)² + L(b)²) at a Concat.
 3. The margin matrix K[j][i] bounds the Lipschitz constant of y_j − y_i.
    When the graph ends with a linear segment A (e.g. the last dense layer),
    K[j][i] = ‖A_j − A_i‖₂ · L(input of A) (GloRo, Appendix A.2); otherwise
@@ -25,8 +27,12 @@ from typing import Callable
 
 import torch
 
-from glorocert.graph import Activation, Add, Affine, Concat, Conv2d, Graph, Linear, MaxPool, MinMax, Node, Reshape
+from glorocert.graph import (
+    Activation, Add, Affine, Concat, Conv2d, CReLU, Graph, GroupMinMax, L2Pool, Linear, MaxPool, MinMax, Node, PReLU,
+    Reduce, Reshape, Sort, Transpose,
+)
 from glorocert.lipschitz import operators as ops_bounds
+from glorocert.lipschitz.lanczos import lanczos_estimate
 from glorocert.lipschitz.operators import FLOAT_MARGIN
 
 
@@ -58,7 +64,7 @@ class BlockBound:
     op: str
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    estimate: float  # power iteration (or exact constant for nonlinear blocks)
+    estimate: float  # power iteration / Lanczos, from below (or exact constant for nonlinear blocks)
     upper: float  # guaranteed
     method: str
     iterations: int = 0
@@ -153,14 +159,14 @@ def _merge(a, b):
 
 
 def bound_segment(block: Block, tol: float, max_iter: int, exact_side: int = ops_bounds.EXACT_MAX_SIDE) -> BlockBound:
-    if all(isinstance(n.op, Reshape) for n in block.nodes):
+    if all(isinstance(n.op, (Reshape, Transpose)) for n in block.nodes):
         return BlockBound(block.name, block.description, block.in_shape, block.out_shape, 1.0, 1.0, "isometry")
     if ops_bounds.exact_affordable(block.in_shape, block.out_shape, exact_side):
         gram = ops_bounds.gram_matrix(block.homogeneous, block.in_shape, block.out_shape)
         upper, method = ops_bounds.norm_from_gram(gram), "exact"
         estimate = ops_bounds.power_iteration_gram(gram, tol=tol, max_iter=max_iter)
     else:
-        estimate = ops_bounds.power_iteration(block.homogeneous, block.in_shape, tol=tol, max_iter=max_iter)
+        estimate = lanczos_estimate(block.homogeneous, block.in_shape, tol=tol, max_iter=max_iter)
         upper, methods, shape = 1.0, [], block.in_shape
         for op in fold_scales(block.nodes):
             value, how = ops_bounds.upper_bound(op, shape, exact_side)
@@ -181,11 +187,29 @@ def nonlinear_constant(block: Block) -> tuple[float, str]:
     op = block.nodes[0].op
     if isinstance(op, Activation):
         return op.lipschitz, op.kind
-    if isinstance(op, MinMax):
-        return 1.0, "minmax"
+    if isinstance(op, PReLU):
+        return op.lipschitz, "prelu"
+    if isinstance(op, (MinMax, GroupMinMax, Sort)):
+        return 1.0, "sorting"  # a sort (or a projection of one) of disjoint groups
+    if isinstance(op, (Reduce, CReLU)):
+        return 1.0, op.describe()  # see their docstrings
     if isinstance(op, MaxPool):
         return ops_bounds.maxpool_lipschitz(op, block.in_shape), "window-count"
+    if isinstance(op, L2Pool):
+        return l2pool_lipschitz(op, block.in_shape), "l2-pool"
     raise TypeError(f"no Lipschitz rule for {type(op).__name__}")
+
+
+def l2pool_lipschitz(op: L2Pool, in_shape: tuple[int, ...]) -> float:
+    """|scale|·√(gain·κ), κ = max_i Σ_{w∋i} 1/d_w (graph.L2Pool): each output is
+    |scale|·√(gain/d_w)·‖(x_w, √(shift·d_w/gain))‖, a norm is 1-Lipschitz, so |Δy_w|² ≤ scale²·gain·‖Δx_w‖²/d_w,
+    and summing over the windows ‖Δy‖² ≤ scale²·gain·Σ_i Δx_i² Σ_{w∋i} 1/d_w. κ is the largest column sum Aᵀ1 of
+    the AveragePool's matrix A (A_wi = 1/d_w for i in window w), ≤ m/d_min with m the largest number of windows
+    sharing an input (operators.maxpool_window_count) and equal to it when every window has the same divisor;
+    Aᵀ1 counts ceil-mode partial windows and padded borders with their own divisors."""
+    ones = torch.ones(1, *in_shape, dtype=torch.float64, requires_grad=True)
+    (columns,) = torch.autograd.grad(op.average(ones).sum(), ones)
+    return abs(op.scale) * math.sqrt(op.gain * columns.max().item())
 
 
 def compose(
@@ -229,11 +253,21 @@ def compose(
     )
 
 
+def _rows(block: Block) -> torch.Tensor:
+    """The explicit (out × in) float64 matrix of a linear block with few outputs: Aᵀe_j for each output j."""
+    k = math.prod(block.out_shape)
+    if k > math.prod(block.in_shape) or math.prod(block.in_shape) <= ops_bounds.EXACT_MAX_SIDE:
+        return ops_bounds.materialise(block.homogeneous, block.in_shape)  # cheap here; bit-identical to earlier files
+    _, pullback = torch.func.vjp(block.homogeneous, torch.zeros(k, *block.in_shape, dtype=torch.float64))
+    (rows,) = pullback(torch.eye(k, dtype=torch.float64).reshape(k, *block.out_shape))
+    return rows.reshape(k, -1)
+
+
 def margin_matrices(graph: Graph, blocks: list[Block], est: dict, upper: dict):
     classes = graph.num_classes
     last = blocks[-1]
     if last.linear and last.name == graph.output and ops_bounds.exact_affordable(last.in_shape, last.out_shape):
-        rows = ops_bounds.materialise(last.homogeneous, last.in_shape)  # (classes, d)
+        rows = _rows(last)  # (classes, d)
         pair = torch.stack([(rows[j] - rows).norm(dim=1) for j in range(classes)])  # ‖A_j − A_i‖
         pair = pair * (1.0 + FLOAT_MARGIN)
         l_in_est, l_in_up = est[last.inputs[0]], upper[last.inputs[0]]

@@ -74,6 +74,7 @@ def compute_bound(
         tol=tol,
         max_iter=max_iter,
         seconds=result.seconds,
+        output=model.output,
     )
 
 
@@ -102,10 +103,12 @@ def _refuse_degenerate(model: Model, upper: float, estimate: float) -> None:
 def recompute_command(model: Model, path: str | Path | None = None, normalization: Normalization | None = None) -> str:
     """The `glorocert bound` command line that recomputes ``model``'s bound under ``normalization`` into ``path``."""
     words = ["glorocert", "bound", str(model.path)]
-    if model.format in ("torchscript", "pickle"):  # formats that do not record the input shape
+    if model.format in ("torchscript", "pickle") or model.shape_from_data:  # the file does not record this input shape
         words += ["--input-shape", ",".join(map(str, model.input_shape))]
     if model.format == "pickle":
         words.append("--trust-pickle")
+    if model.output:
+        words += ["--output", model.output]
     if normalization is not None:
         words += ["--mean", ",".join(repr(float(v)) for v in normalization.mean),
                   "--std", ",".join(repr(float(v)) for v in normalization.std)]
@@ -146,7 +149,7 @@ def resolve_bound(
             except GlorocertError:
                 pass  # read-only model directory: the bound is still used for this run
     command = recompute_command(model, path, normalization)
-    bound.check_matches(model.sha256, model.input_shape, normalization, source, command)
+    bound.check_matches(model.sha256, model.input_shape, normalization, source, command, model.output)
     if bound.margin_matrix.shape[0] != model.num_classes:
         raise refusal(source, f"margin matrix is {bound.margin_matrix.shape[0]}×…, the model has {model.num_classes} classes",
                       command)

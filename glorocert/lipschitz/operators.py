@@ -3,7 +3,9 @@
 Power iteration returns ‖Ax‖/‖x‖ for its final iterate x. That is a lower
 bound on σ_max(A) — it approaches the spectral norm from below and can stall
 far below it when the top singular values are close — so on its own it is an
-estimate, never a certificate. Every certificate glorocert issues rests on
+estimate, never a certificate (:mod:`glorocert.lipschitz.lanczos` gives the same
+kind of estimate in far fewer steps; blocks too large for their Gram matrix use
+it). Every certificate glorocert issues rests on
 :func:`upper_bound`, which is an upper bound for the following reasons:
 
 * **exact** (``exact``): the smaller Gram matrix (AᵀA or AAᵀ) of the operator
@@ -13,20 +15,40 @@ estimate, never a certificate. Every certificate glorocert issues rests on
   less than 1e-9 relative for the sizes allowed here (see
   :func:`spectral_norm_exact`).
 * **circulant** (convolutions too large to materialise): a zero-padded,
-  strided, dilated, grouped convolution on an H×W input is a restriction of a
-  circular convolution on a torus that contains the padded input (input
-  embedding is an isometry, output selection a coordinate projection, so the
-  norm can only grow). A stride-s circular convolution is a stride-1 circular
-  convolution of the s×s polyphase components (a permutation of the input),
-  and a stride-1 circular convolution is block-diagonalised by the 2-D DFT: its
-  norm is the largest σ_max of the C_out×C_in matrices K̂(ω) over the torus'
-  frequencies (Sedghi et al. 2019). Exact for the circular operator; an upper
-  bound for the zero-padded one.
+  strided, dilated, grouped convolution A on an H×W input is a restriction of a
+  circular convolution on a torus that contains the padded input: A = P C E,
+  E the zero embedding (an isometry), P a selection of outputs (a coordinate
+  projection), so ‖A‖ ≤ ‖C‖. A stride-s circular convolution is a stride-1
+  circular convolution of the s×s polyphase components (a permutation of the
+  input), which the 2-D DFT block-diagonalises: ‖C‖ = max_ω σ(ω), σ(ω) the
+  largest singular value of the C_out×C_in·s² symbol K̂(ω) at each of the
+  torus' frequencies (Sedghi et al. 2019). Exact for the circular operator; an
+  upper bound for the zero-padded one.
+* **circulant-box** (the same convolutions, tighter): by Parseval,
+  ‖C z‖² ≤ Σ_ω σ(ω)²‖ẑ(ω)‖², and this majorant decouples the channels: each
+  input channel (polyphase component) of z = ΠEx is supported in a box B of
+  the torus, so ‖Ax‖² ≤ λ_max(T_B)‖x‖² with T_B the (H/s·W/s)² principal
+  submatrix, on B, of the scalar circulant whose eigenvalues are σ(ω)². Applied
+  to Aᵀ, the output box gives the same with B = the out_h×out_w outputs; the
+  smaller is used. λ_max(T_B) ≤ max σ² (interlacing), so it never exceeds the
+  circulant bound, and it keeps the input's finite extent, which is what sets
+  a zero-padded convolution below its circular one; it loses only the turning
+  of the top singular vector's channel direction with ω. Boxes above
+  ``conv_bounds.BOX_MAX_SIDE`` cells are widened to strips (the whole torus in
+  one direction), which the DFT along the strip block-diagonalises. The proof,
+  and why Gram iteration (Delattre et al. 2023) and the zero-padding bound of
+  Delattre et al. (2024) cannot be tighter than the circulant bound, are in
+  :mod:`glorocert.lipschitz.conv_bounds`. :func:`upper_bound` returns the
+  smaller of the two.
 * **Schur test** (average pooling with any padding): for a non-negative matrix,
   ‖A‖₂ ≤ √(‖A‖₁‖A‖∞), both computed exactly from A·1 and Aᵀ·1.
 * **counting** (max pooling): each output is a max over its window, so
   ‖Δy‖² ≤ Σ_windows Σ_{i∈window} Δx_i² ≤ m‖Δx‖², m = the largest number of
   windows that share one input.
+* **separable** (Pad, Resize as ``AxisMaps``): a Kronecker product of per-axis
+  matrices, whose norm is the product of their exact norms.
+* **adjoint** (transposed convolutions too large to materialise): the bound of
+  the convolution whose adjoint it is (:func:`conv_transpose_bound`).
 
 Every guaranteed value is finally multiplied by (1 + FLOAT_MARGIN), which
 covers the floating-point error of the computations above with orders of
@@ -42,7 +64,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from glorocert.graph import Affine, AvgPool, Conv2d, GlobalAvgPool, Linear, MaxPool, Op, Reshape
+from glorocert.graph import (
+    Affine, AvgPool, AxisMaps, Conv2d, ConvTranspose2d, GlobalAvgPool, Linear, MaxPool, Op, Reshape, Transpose,
+)
+from glorocert.lipschitz import conv_bounds
 
 FLOAT_MARGIN = 1e-6
 EXACT_MAX_SIDE = 2_048  # default: Gram matrices up to 32 MB; the eigensolve grows with the side cubed
@@ -172,27 +197,7 @@ def spectral_norm_exact(matrix: torch.Tensor) -> float:
 
 def conv_circulant_bound(conv: Conv2d, in_shape: tuple[int, ...]) -> float:
     """Upper bound on ‖conv‖ via the circular convolution that contains it (module docstring)."""
-    weight = conv.weight.to(torch.float64)
-    c_out, c_in_group, kh, kw = weight.shape
-    groups, (sh, sw), (dh, dw) = conv.groups, conv.stride, conv.dilation
-    c_in = c_in_group * groups
-    # groups → one dense block-diagonal kernel; dilation → a sparse kernel
-    dense = torch.zeros(c_out, c_in, (kh - 1) * dh + 1, (kw - 1) * dw + 1, dtype=torch.float64)
-    per_group = c_out // groups
-    for g in range(groups):
-        rows, cols = slice(g * per_group, (g + 1) * per_group), slice(g * c_in_group, (g + 1) * c_in_group)
-        dense[rows, cols, ::dh, ::dw] = weight[rows]
-    _, h, w = in_shape
-    t, b, l, r = conv.padding
-    mh, mw = -(-(h + t + b) // sh), -(-(w + l + r) // sw)  # torus of side s·m holds the padded input
-    # polyphase: tap (s·a + p) of the kernel reads phase p at offset a
-    kh_e, kw_e = dense.shape[2], dense.shape[3]
-    ah, aw = -(-kh_e // sh), -(-kw_e // sw)
-    padded = F.pad(dense, (0, aw * sw - kw_e, 0, ah * sh - kh_e))
-    poly = padded.reshape(c_out, c_in, ah, sh, aw, sw).permute(0, 1, 3, 5, 2, 4).reshape(c_out, c_in * sh * sw, ah, aw)
-    symbols = torch.fft.fft2(poly, s=(mh, mw))  # (c_out, c_in', mh, mw)
-    symbols = symbols.permute(2, 3, 0, 1).reshape(mh * mw, c_out, c_in * sh * sw)
-    return torch.linalg.svdvals(symbols).max().item()
+    return conv_bounds.circulant_bound(conv, in_shape)
 
 
 def avgpool_schur_bound(pool: AvgPool, in_shape: tuple[int, ...]) -> float:
@@ -223,9 +228,32 @@ def maxpool_lipschitz(pool: MaxPool, in_shape: tuple[int, ...]) -> float:
     return math.sqrt(maxpool_window_count(pool, in_shape))
 
 
+def axis_maps_norm(op: AxisMaps) -> float:
+    """‖⊗_a A_a‖₂ = Π_a ‖A_a‖₂ (Kronecker products multiply singular values), each factor exact."""
+    return math.prod(spectral_norm_exact(matrix) for _, matrix in op.maps)
+
+
+def conv_transpose_bound(op: ConvTranspose2d, in_shape: tuple[int, ...], exact_side: int = EXACT_MAX_SIDE) -> tuple[float, str]:
+    """Exact when the Gram matrix is affordable; otherwise the bound of the adjoint convolution.
+
+    The full transposed convolution T (no padding) is the adjoint of the Conv2d with the same weight,
+    stride, dilation and groups acting on T's output shape, and ‖T‖ = ‖Tᵀ‖; the output padding (zeros
+    appended) and the crop by ``padding`` are an isometric embedding and a coordinate projection, so
+    ‖op‖ ≤ ‖T‖ ≤ the conv bound.
+    """
+    out_shape = tuple(op.homogeneous(torch.zeros(1, *in_shape, dtype=torch.float64)).shape[1:])
+    if exact_affordable(in_shape, out_shape, exact_side):
+        return norm_from_gram(gram_matrix(op.homogeneous, in_shape, out_shape)), "exact"
+    (sh, sw), (dh, dw), (kh, kw) = op.stride, op.dilation, op.weight.shape[2:]
+    full = (op.weight.shape[1] * op.groups, sh * (in_shape[1] - 1) + dh * (kh - 1) + 1, sw * (in_shape[2] - 1) + dw * (kw - 1) + 1)
+    adjoint = Conv2d(op.weight.to(torch.float64), None, op.stride, (0, 0, 0, 0), op.dilation, op.groups)
+    value, how = upper_bound(adjoint, full, exact_side)
+    return value, f"adjoint-{how}"
+
+
 def upper_bound(op: Op, in_shape: tuple[int, ...], exact_side: int = EXACT_MAX_SIDE) -> tuple[float, str]:
     """A guaranteed upper bound on the l2 Lipschitz constant of one linear op, and how it was found."""
-    if isinstance(op, Reshape):
+    if isinstance(op, (Reshape, Transpose)):
         return 1.0, "isometry"
     if isinstance(op, Affine):
         # a scale that broadcasts to more elements than the input copies each element √(out/in) times
@@ -242,5 +270,9 @@ def upper_bound(op: Op, in_shape: tuple[int, ...], exact_side: int = EXACT_MAX_S
         out_shape = tuple(op.forward(torch.zeros(1, *in_shape, dtype=op.weight.dtype)).shape[1:])
         if exact_affordable(in_shape, out_shape, exact_side):
             return norm_from_gram(gram_matrix(op.homogeneous, in_shape, out_shape)), "exact"
-        return conv_circulant_bound(op, in_shape), "circulant"
+        return conv_bounds.conv_upper_bound(op, in_shape)
+    if isinstance(op, AxisMaps):
+        return axis_maps_norm(op), "separable"
+    if isinstance(op, ConvTranspose2d):
+        return conv_transpose_bound(op, in_shape, exact_side)
     raise TypeError(f"no linear bound for {type(op).__name__}")

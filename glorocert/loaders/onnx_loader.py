@@ -1,17 +1,30 @@
 """The one converter: an onnx ModelProto → the IR (the native runners live in runners.py).
 
-Supported operators: Conv, Gemm, MatMul, Add/Sub/Mul/Div (by constants, or
-Add/Sub of two tensors), Relu, LeakyRelu, Tanh, Sigmoid, BatchNormalization,
-Flatten, Reshape, MaxPool, AveragePool, GlobalAveragePool, Concat, Identity,
-Dropout, and MinMax written as Split/Slice → Max + Min → Concat (channel
-halves) or, for adjacent pairs, the same between two Reshapes. Shape-only
-arithmetic (Shape, Gather, Unsqueeze, Concat of shape values, …) is folded to
-constants. Any other operator is refused with its name and node.
+Supported operators (the converters of the newer ones live in onnx_ops.py, and the
+multi-node patterns in onnx_patterns.py; the Lipschitz constants are in graph.py):
+
+* linear: Conv, ConvTranspose, Gemm, MatMul (a constant on either side, any rank),
+  BatchNormalization, Add/Sub/Mul/Div by constants, Add/Sub of two tensors, Neg,
+  Pad (all modes), Resize/Upsample, AveragePool, GlobalAveragePool, ReduceMean over
+  the spatial axes, and the isometries Flatten, Reshape, Transpose, Squeeze,
+  Unsqueeze, DepthToSpace, SpaceToDepth, Identity, Dropout;
+* elementwise: Relu, LeakyRelu, PRelu, Elu, Selu, Celu, Tanh, Sigmoid, HardSigmoid,
+  HardSwish, Clip, Abs, Softplus, Softsign, Gelu, Mish, and SiLU / GELU / Mish /
+  HardSwish / Softsign written out as exporters decompose them;
+* sorting: MaxPool, GlobalMaxPool, ReduceMax/ReduceMin, TopK (values), GroupSort
+  (ReduceMin + ReduceMax → Concat), MaxMin (Concat(Relu(x), Relu(−x))), MinMax
+  written as Split/Slice → Max + Min → Concat (channel halves) or, for adjacent
+  pairs, the same between two Reshapes, and Concat;
+* l2-norm pooling: c·√(AveragePool(x²)·a + b) (deel-torchlip's ScaledL2NormPool2d, torch's
+  LPPool2d(2)), the only form in which Pow and Sqrt are read.
+
+Shape-only arithmetic (Shape, Gather, Unsqueeze, Concat of shape values, …) is folded
+to constants. Any other operator is refused with its name and node, and so is every
+form that would move the batch axis or has no global Lipschitz bound.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,26 +32,13 @@ import torch
 from onnx import numpy_helper
 
 from glorocert.errors import GlorocertError, UnsupportedOperator
-from glorocert.graph import (
-    Activation, Add, Affine, AvgPool, Concat, Conv2d, GlobalAvgPool, Graph, Linear, MaxPool, MinMax, Node, Reshape,
-)
+from glorocert.graph import Add, Affine, AvgPool, Concat, Conv2d, GlobalAvgPool, Graph, MaxPool, MinMax, Node, Reshape
+from glorocert.loaders.onnx_ops import CONVERTERS, REFUSED, pool_window
+from glorocert.loaders.onnx_patterns import emit_fused, find_patterns
 
-ACTIVATION_OPS = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "LeakyRelu": "leaky_relu"}
 PASS_THROUGH = {"Identity", "Dropout"}
 TRACE_BATCH = 2
 SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Slice", "ConstantOfShape", "Range", "Mul", "Div", "Add", "Sub"}
-
-
-def read_onnx(path: Path) -> onnx.ModelProto:
-    try:
-        model = onnx.load(str(path))
-    except Exception as e:  # protobuf raises several types on garbage
-        raise GlorocertError(f"{path}: not a readable ONNX file ({type(e).__name__}); is it truncated or another format?") from None
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        raise GlorocertError(f"{path}: invalid ONNX model: {str(e).splitlines()[0]}") from None
-    return model
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -85,6 +85,8 @@ class _Converter:
         self.views: dict[str, tuple[str, int, int, int, int]] = {}  # Split/Slice outputs: (source, axis, start, stop, size)
         self.rank: dict[str, int] = {}
         self.pending_minmax: dict[str, dict] = {}
+        self.fused: dict[str, tuple] = {}  # multi-node patterns read as one op (onnx_patterns.py)
+        self.fused_skip: set[str] = set()
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.values[name].shape)
@@ -108,6 +110,8 @@ class _Converter:
         """A constant that broadcasts against a batched tensor, as a per-sample tensor."""
         value = np.asarray(value, dtype=np.float64)
         shape = self.shape(data_name)
+        if value.ndim > len(shape):  # broadcasting prepends axes to the data: its batch axis would no longer be first
+            raise UnsupportedOperator("broadcast over batch", node_name, f"a constant of shape {value.shape} would move the batch axis")
         if value.ndim and value.ndim == len(shape):
             if value.shape[0] != 1:
                 raise UnsupportedOperator("broadcast over batch", node_name, "constants must not vary along the batch axis")
@@ -158,12 +162,13 @@ class _Converter:
             raise GlorocertError("the model's output is its input; nothing to certify")
         declared = _static_shape(self.model.graph.output[0])[1:]
         actual = self.shape(outputs[0])[1:]
-        if len(declared) != len(actual) or any(d not in (None, s) for d, s in zip(declared, actual)):
+        if self.model.graph.output[0].type.tensor_type.HasField("shape") and len(declared) != len(actual) or any(d not in (None, s) for d, s in zip(declared, actual)):
             raise GlorocertError(f"the model declares output shape {declared} but computes {list(actual)}")
         return Graph(self.input_name, self.input_shape, self.nodes, out)
 
     # ----------------------------------------------------------- MinMax patterns
     def find_minmax(self) -> None:
+        self.fused, self.fused_skip = find_patterns(self.model)
         producers = {o: n for n in self.model.graph.node for o in n.output}
         for concat in self.model.graph.node:
             if concat.op_type != "Concat" or len(concat.input) != 2:
@@ -192,10 +197,12 @@ class _Converter:
     # ---------------------------------------------------------------- operators
     def convert_node(self, node: onnx.NodeProto) -> None:
         op, a, name, out = node.op_type, _attrs(node), node.name or node.output[0], node.output[0]
-        if any(out in p["skip"] for p in self.pending_minmax.values()):
+        if out in self.fused_skip or any(out in p["skip"] for p in self.pending_minmax.values()):
             return
         if out in self.pending_minmax:
             return self.minmax(node)
+        if out in self.fused:
+            return emit_fused(self, node, self.fused[out])
         data = [i for i in node.input if i and not self.is_const(i)]
         if not data:
             raise UnsupportedOperator(op, name, "cannot fold this constant expression")
@@ -203,22 +210,10 @@ class _Converter:
         if op in PASS_THROUGH:
             self.alias[out] = self.tensor(x)
             self.values[out] = self.values[x]
-        elif op in ACTIVATION_OPS:
-            self.emit(out, Activation(ACTIVATION_OPS[op], float(a.get("alpha", 0.01)) if op == "LeakyRelu" else 0.0), x)
+        elif op in CONVERTERS:
+            CONVERTERS[op](self, node, a, name, out)
         elif op == "Conv":
             self.conv(node, a, out)
-        elif op == "Gemm":
-            self.gemm(node, a, out)
-        elif op == "MatMul":
-            if not self.is_const(node.input[1]) or len(self.shape(x)) != 2:
-                raise UnsupportedOperator(op, name, "only (batch, features) × constant matrix is supported")
-            self.emit(out, Linear(torch.from_numpy(self.consts[node.input[1]].T.astype(np.float64).copy())), x)
-        elif op == "BatchNormalization":
-            gamma, beta, mean, var = (self.consts[i].astype(np.float64) for i in node.input[1:5])
-            scale = gamma / np.sqrt(var + a.get("epsilon", 1e-5))
-            spatial = len(self.shape(x)) - 2
-            view = (-1,) + (1,) * spatial
-            self.emit(out, Affine(torch.from_numpy(scale.reshape(view)), torch.from_numpy((beta - mean * scale).reshape(view))), x)
         elif op in ("Add", "Sub", "Mul", "Div"):
             self.arithmetic(node, op, data, name, out)
         elif op == "Flatten":
@@ -243,9 +238,10 @@ class _Converter:
         elif op in ("Split", "Slice"):
             self.view(node, op, a, name)
         elif op in ("Softmax", "LogSoftmax"):
-            raise UnsupportedOperator(op, name, "certification needs the logits: export the model without its final softmax")
+            raise UnsupportedOperator(op, name, "certification needs the logits, and a softmax inside the network "
+                                      "(attention) has no global Lipschitz bound")
         else:
-            raise UnsupportedOperator(op, name)
+            raise UnsupportedOperator(op, name, REFUSED.get(op, ""))
 
     def conv(self, node, a, out):
         w = self.consts.get(node.input[1])
@@ -268,15 +264,6 @@ class _Converter:
             torch.from_numpy(w.astype(np.float64)), None if b is None else torch.from_numpy(b.astype(np.float64)),
             tuple(a.get("strides", [1, 1])), (top, bottom, left, right), tuple(a.get("dilations", [1, 1])), a.get("group", 1),
         ), node.input[0])
-
-    def gemm(self, node, a, out):
-        if a.get("transA", 0) or not self.is_const(node.input[1]):
-            raise UnsupportedOperator("Gemm", node.name or out, "only x·Wᵀ + b with constant W is supported")
-        w = self.consts[node.input[1]].astype(np.float64) * a.get("alpha", 1.0)
-        w = w if a.get("transB", 0) else w.T
-        b = self.consts[node.input[2]].astype(np.float64) * a.get("beta", 1.0) if len(node.input) > 2 and node.input[2] else None
-        bias = None if b is None else torch.from_numpy(np.broadcast_to(b, (w.shape[0],)).copy())
-        self.emit(out, Linear(torch.from_numpy(w.copy()), bias), node.input[0])
 
     def arithmetic(self, node, op, data, name, out):
         x, y = node.input[0], node.input[1]
@@ -334,23 +321,13 @@ class _Converter:
         self.emit(out, Reshape(target[1:]), node.input[0])
 
     def pool(self, node, op, a, name, out):
-        k = tuple(a["kernel_shape"])
-        if len(k) != 2:
-            raise UnsupportedOperator(op, name, "only 2-D pooling is supported")
-        pads = list(a.get("pads", [0, 0, 0, 0]))
-        auto = a.get("auto_pad", b"NOTSET")
-        if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
-            raise UnsupportedOperator(op, name, "auto_pad SAME is not supported; export with explicit pads")
-        if pads[0] != pads[2] or pads[1] != pads[3]:
-            raise UnsupportedOperator(op, name, "asymmetric pooling pads")
-        stride = tuple(a.get("strides", [1, 1]))
-        ceil = bool(a.get("ceil_mode", 0))
+        k, stride, padding, ceil = pool_window(node, a, name)
         if op == "MaxPool":
             if len(node.output) > 1 and node.output[1]:
                 raise UnsupportedOperator(op, name, "MaxPool with indices output")
-            self.emit(out, MaxPool(k, stride, (pads[0], pads[1]), tuple(a.get("dilations", [1, 1])), ceil), node.input[0])
+            self.emit(out, MaxPool(k, stride, padding, tuple(a.get("dilations", [1, 1])), ceil), node.input[0])
         else:
-            self.emit(out, AvgPool(k, stride, (pads[0], pads[1]), ceil, bool(a.get("count_include_pad", 0))), node.input[0])
+            self.emit(out, AvgPool(k, stride, padding, ceil, bool(a.get("count_include_pad", 0))), node.input[0])
 
     def view(self, node, op, a, name):
         src = node.input[0]

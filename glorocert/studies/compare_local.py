@@ -65,11 +65,14 @@ class Source:
     start: int = 0
     limit: int | None = None
     input_shape: tuple[int, ...] | None = None
+    data_shape: tuple[int, ...] | None = None  # the data's per-sample shape, for a model file that does not record one
+    output: str | None = None
     trust_pickle: bool = False
     device: str = "cpu"
 
     def load(self) -> api.Model:
-        return api.load(self.model, input_shape=self.input_shape, trust_pickle=self.trust_pickle, device=self.device)
+        return api.load(self.model, input_shape=self.input_shape, data_shape=self.data_shape, output=self.output,
+                        trust_pickle=self.trust_pickle, device=self.device)
 
     def open(self, model: api.Model) -> api.Dataset:
         return api.open_dataset(
