@@ -470,7 +470,8 @@ class GroupMinMax(Op):
 
     (min_g, max_g) are the first and last entries of the sorted group g: a projection of sorting, which is
     1-Lipschitz, and the groups are disjoint — so the whole map is 1-Lipschitz (not √2, as two
-    separately 1-Lipschitz reductions concatenated would give).
+    separately 1-Lipschitz reductions concatenated would give). A group of one element is no sort: its
+    min and max are the element itself, copied twice, and compose.py gives that √2.
     """
 
     axes: tuple[int, ...]

@@ -381,3 +381,19 @@ def chain_model_with_bound(root: Path) -> Path:
     model = save_as(make_model("chain"), "onnx", root, "model")
     compute_bound(load(model)).save(default_path(model))
     return model
+
+
+def largest_quotient(f, in_shape, *, restarts=8, steps=80, spread=3.0, gap=0.5, seed=0) -> float:
+    """max ‖f(x)−f(y)‖/‖x−y‖ found by Adam over (x, y − x): x ~ N(0, spread²), y − x ~ N(0, gap²) to start."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (spread * torch.randn(restarts, *in_shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    delta = (gap * torch.randn(restarts, *in_shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    optimiser = torch.optim.Adam([x, delta], lr=0.05)
+    best = 0.0
+    for _ in range(steps):
+        ratio = (f(x + delta) - f(x)).flatten(1).norm(dim=1) / delta.flatten(1).norm(dim=1)
+        best = max(best, ratio.max().item())
+        optimiser.zero_grad()
+        (-ratio.sum()).backward()
+        optimiser.step()
+    return best

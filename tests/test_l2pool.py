@@ -11,6 +11,7 @@ sharing an input, d_min the smallest divisor), and an Adam search for the larges
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -26,6 +27,9 @@ from glorocert import graph as ir
 from glorocert.errors import UnsupportedOperator
 from glorocert.lipschitz.compose import compose
 from glorocert.loaders import load
+from helpers import largest_quotient
+
+_quotient = functools.partial(largest_quotient, restarts=6, steps=60, spread=1.0, gap=0.3)
 
 
 def onnx_file(tmp_path, nodes, in_shape, inits, *, name="model", opset=17):
@@ -61,22 +65,6 @@ def average_pool(kernel, stride, pads=(0, 0), ceil=0, include=1):
         "AveragePool", ["sq"], ["pooled"], name="/AveragePool", kernel_shape=[kernel] * 2, strides=[stride] * 2,
         pads=[*pads, *pads], ceil_mode=ceil, count_include_pad=include,
     )
-
-
-def largest_quotient(f, in_shape, *, restarts=6, steps=60, seed=0) -> float:
-    """max ‖f(x)−f(y)‖/‖x−y‖ over an Adam search on (x, y − x)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(restarts, *in_shape, generator=gen, dtype=torch.float64).requires_grad_()
-    delta = (0.3 * torch.randn(restarts, *in_shape, generator=gen, dtype=torch.float64)).requires_grad_()
-    optimiser = torch.optim.Adam([x, delta], lr=0.05)
-    best = 0.0
-    for _ in range(steps):
-        ratio = (f(x + delta) - f(x)).flatten(1).norm(dim=1) / delta.flatten(1).norm(dim=1)
-        best = max(best, ratio.max().item())
-        optimiser.zero_grad()
-        (-ratio.sum()).backward()
-        optimiser.step()
-    return best
 
 
 def f32(value: float) -> float:
@@ -143,7 +131,7 @@ def test_a_lipschitz_network_with_l2_pooling_exported_by_torch(tmp_path):
     result = compose(model.graph)
     assert [b.method for b in result.blocks] == ["exact", "exact"]  # the l2 pool adds no factor: its constant is 1
     assert result.global_upper == pytest.approx(result.blocks[0].upper * result.blocks[1].upper, rel=1e-12)
-    assert largest_quotient(model.graph.forward, (2, 8, 8)) <= result.global_upper
+    assert _quotient(model.graph.forward, (2, 8, 8)) <= result.global_upper
 
 
 def test_ceil_mode_partial_windows_keep_their_own_divisor(tmp_path):
@@ -193,7 +181,7 @@ def test_overlapping_l2_pooling_bound_is_above_the_attack_and_at_most_c_sqrt_gai
         assert torch.allclose(model.graph.forward(x), reference.flatten(1), atol=1e-6)
     bound = compose(model.graph).global_upper
     theory = abs(scale) * math.sqrt(gain * m_over_d)
-    assert largest_quotient(model.graph.forward, (2, 7, 7)) <= bound <= theory * 1.0001
+    assert _quotient(model.graph.forward, (2, 7, 7)) <= bound <= theory * 1.0001
 
 
 # --------------------------------------------------------------------------- everything else stays refused

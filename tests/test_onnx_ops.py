@@ -33,6 +33,7 @@ from glorocert.lipschitz import operators
 from glorocert.lipschitz.compose import compose
 from glorocert.loaders import load
 from glorocert.loaders.onnx_loader import onnx_to_graph
+from helpers import largest_quotient
 
 RNG = np.random.default_rng(0)
 
@@ -107,22 +108,6 @@ def check_linear(path, in_shape, *, kinds=()):
     assert exact <= bound <= exact * 1.001
     assert compose(model.graph, exact_side=0).global_upper >= exact * (1 - REFERENCE_RTOL)
     return model, exact
-
-
-def largest_quotient(f, in_shape, *, restarts=8, steps=80, seed=0) -> float:
-    """max ‖f(x)−f(y)‖/‖x−y‖ over an Adam search on (x, y − x), and the gradient norms of random directions."""
-    gen = torch.Generator().manual_seed(seed)
-    x = (3 * torch.randn(restarts, *in_shape, generator=gen, dtype=torch.float64)).requires_grad_()
-    delta = (0.5 * torch.randn(restarts, *in_shape, generator=gen, dtype=torch.float64)).requires_grad_()
-    optimiser = torch.optim.Adam([x, delta], lr=0.05)
-    best = 0.0
-    for _ in range(steps):
-        ratio = (f(x + delta) - f(x)).flatten(1).norm(dim=1) / delta.flatten(1).norm(dim=1)
-        best = max(best, ratio.max().item())
-        optimiser.zero_grad()
-        (-ratio.sum()).backward()
-        optimiser.step()
-    return best
 
 
 def assert_refused(path, op, words=""):
@@ -789,3 +774,69 @@ def test_exported_model_is_also_loadable_from_memory_bytes():
     assert [n.op.describe() for n in graph.nodes if isinstance(n.op, ir.Activation)] == ["silu"]
     with pytest.raises(GlorocertError):
         ir.Transpose((1, 0))
+
+
+# ------------------------------------------------ patterns that look like a 1-Lipschitz form and are not one
+
+
+def _single_input_model(nodes, inits, width_in: int, width_out: int, opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "pattern", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, width_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, width_out])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_a_group_of_one_element_is_copied_twice_and_bounded_by_sqrt_2(tmp_path):
+    """cat(min, max) over a group of size 1 is (x, x): y = x0 + x0 has constant 2, not the sort's 1·‖w‖ = √2."""
+    nodes = [
+        helper.make_node("Gemm", ["x", "w"], ["h"]),
+        helper.make_node("Reshape", ["h", "shape"], ["r"]),
+        helper.make_node("ReduceMin", ["r", "axes"], ["lo"], keepdims=1),
+        helper.make_node("ReduceMax", ["r", "axes"], ["hi"], keepdims=1),
+        helper.make_node("Concat", ["lo", "hi"], ["c"], axis=2),
+        helper.make_node("Flatten", ["c"], ["f"]),
+        helper.make_node("Gemm", ["f", "w2"], ["y"]),
+    ]
+    w2 = np.zeros((8, 1), np.float32)
+    w2[:2, 0] = 1.0
+    inits = {"w": np.eye(4, dtype=np.float32), "shape": np.array([0, 4, 1], np.int64), "axes": np.array([2], np.int64), "w2": w2}
+    path = tmp_path / "group_of_one.onnx"
+    onnx.save(_single_input_model(nodes, inits, 4, 1, opset=18), path)
+    assert compose(load(path).graph).global_upper >= 2.0
+
+
+@pytest.mark.parametrize("threshold, jump", [(3e4, -1e5), (5e3, 0.009), (10.0, 0.0)])
+def test_a_where_is_a_softplus_only_in_torch_exports_exact_wiring(tmp_path, threshold, jump):
+    """where(h > T, h + jump, softplus(h)) agrees with softplus on any grid that stops short of T, or differs by
+    less than its tolerance; only T in [20, 50] with the then-branch exactly h is torch.export's softplus."""
+    nodes = [
+        helper.make_node("Greater", ["x", "t"], ["cond"], name="cond"),
+        helper.make_node("Add", ["x", "jump"], ["then"], name="then"),
+        helper.make_node("Softplus", ["x"], ["soft"], name="soft"),
+        helper.make_node("Where", ["cond", "then", "soft"], ["y"], name="select"),
+    ]
+    inits = {"t": np.array(threshold, np.float32), "jump": np.array(jump, np.float32)}
+    path = tmp_path / "where.onnx"
+    onnx.save(_single_input_model(nodes, inits, 2, 2), path)
+    with pytest.raises(UnsupportedOperator):
+        load(path)
+
+
+def test_a_spare_sum_in_a_template_cannot_add_a_growing_term(tmp_path):
+    """gelu_tanh's node counts also fit x·(½(1 + tanh(k·x·(1 + a·x²))) + ε·x), which is gelu_tanh + ε·x²."""
+    k = np.float32(np.sqrt(2 / np.pi))
+    nodes = [
+        helper.make_node("Mul", ["x", "x"], ["xx"]), helper.make_node("Mul", ["xx", "a"], ["axx"]),
+        helper.make_node("Add", ["axx", "one"], ["p"]), helper.make_node("Mul", ["x", "p"], ["inner"]),
+        helper.make_node("Mul", ["inner", "k"], ["arg"]), helper.make_node("Tanh", ["arg"], ["t"]),
+        helper.make_node("Add", ["t", "one"], ["t1"]), helper.make_node("Mul", ["t1", "half"], ["h1"]),
+        helper.make_node("Mul", ["x", "eps"], ["ex"]), helper.make_node("Add", ["h1", "ex"], ["q"]),
+        helper.make_node("Mul", ["x", "q"], ["y"]),
+    ]
+    inits = {"a": np.float32(0.044715), "one": np.float32(1.0), "k": k, "half": np.float32(0.5), "eps": np.float32(1e-14)}
+    path = tmp_path / "gelu_plus_square.onnx"
+    onnx.save(_single_input_model(nodes, inits, 1, 1), path)
+    with pytest.raises(UnsupportedOperator):
+        load(path)

@@ -189,7 +189,11 @@ def nonlinear_constant(block: Block) -> tuple[float, str]:
         return op.lipschitz, op.kind
     if isinstance(op, PReLU):
         return op.lipschitz, "prelu"
-    if isinstance(op, (MinMax, GroupMinMax, Sort)):
+    if isinstance(op, GroupMinMax):  # a group of one element is output twice (min = max = x): √2
+        rank = len(block.in_shape) + 1
+        size = math.prod(block.in_shape[a % rank - 1] for a in op.axes)
+        return (1.0, "sorting") if size >= 2 else (math.sqrt(2.0), "copied twice")
+    if isinstance(op, (MinMax, Sort)):
         return 1.0, "sorting"  # a sort (or a projection of one) of disjoint groups
     if isinstance(op, (Reduce, CReLU)):
         return 1.0, op.describe()  # see their docstrings

@@ -20,11 +20,12 @@
   1. *structure*: besides affine scalar steps (±, × by a scalar constant, ÷ by one, Neg) it may hold only the
      non-affine nodes of one template (e.g. SiLU: one Sigmoid and one product of two tensors), so it
      computes a member of a small parametric family, such as (αx + β)·(γσ(δx + ε) + ζ)·η + θ for SiLU;
-  2. *values*: evaluated by onnx's reference evaluator on 4,801 points in [−12, 12] and 200 out to ±10⁴, it
+  2. *values*: evaluated by onnx's reference evaluator on 4,801 points in [−12, 12] and 400 out to ±10³⁵, it
      must equal c·h(x) + d for the template's activation h to 2e-6 relative at every point, which pins
      the family's parameters to the float32 rounding of the canonical ones (the margins of the constants
      in graph.py cover that much).
 
+  A region with a Where is matched by its exact wiring instead (:func:`softplus_where`).
   The region becomes Activation(h) followed by Affine(c, d) when (c, d) ≠ (1, 0). Anything else (x·x,
   x·y, a Div by a tensor …) is left to the converter, which refuses it by name.
 """
@@ -58,7 +59,10 @@ TEMPLATES = {  # activation → the non-affine nodes (exactly these) of each way
     # below float32 resolution there, and the match on the grid bounds that gap
     "softplus": ({"Softplus": 1, "Greater": 1, "Where": 1},),
 }
-GRID = np.concatenate([np.linspace(-12, 12, 4801), np.geomspace(12, 1e4, 100), -np.geomspace(12, 1e4, 100)])
+# out to ±1e35 (float32's range): a spare sum or product in a template that adds a growing term (c·x², however
+# small c) overflows there or leaves the template's asymptote, so the fit fails
+_FAR = np.geomspace(12, 1e35, 200)
+GRID = np.concatenate([np.linspace(-12, 12, 4801), _FAR, -_FAR])
 MATCH_RTOL = 2e-6  # float32 evaluation of the exporters' forms stays below 3e-7
 MAX_REGION = 24
 
@@ -292,10 +296,25 @@ def activation_regions(g: OnnxTables, fused: dict, skip: set) -> None:
             continue
         counts = Counter(k for k in (kind_of(g, n) for n in nodes) if k)
         candidates = [kind for kind, forms in TEMPLATES.items() if any(counts == Counter(f) for f in forms)]
+        if "Where" in counts and not softplus_where(g, root, nodes):
+            continue  # a selection is matched by its wiring, never by values alone: a branch may jump off the grid
         match = identify(g, root, nodes, candidates) if candidates else None
         if match:
             fused[end.output[0]] = ("activation", root, match)
             skip |= {n.output[0] for n in nodes[:-1]}
+
+
+def softplus_where(g: OnnxTables, root: str, nodes: list) -> bool:
+    """torch.export's softplus exactly: where(x > T, x, softplus(x)) with T in [20, 50] (torch writes 20), where
+    the branches differ by log(1 + e^−T) ≤ 2.1e-9, below float32's resolution at T."""
+    if sorted(n.op_type for n in nodes) != ["Greater", "Softplus", "Where"]:
+        return False
+    greater, soft, where = (next(n for n in nodes if n.op_type == t) for t in ("Greater", "Softplus", "Where"))
+    threshold = g.consts.get(greater.input[1])
+    return (
+        greater.input[0] == root and soft.input[0] == root and list(where.input) == [greater.output[0], root, soft.output[0]]
+        and threshold is not None and np.size(threshold) == 1 and 20.0 <= float(np.asarray(threshold).reshape(())) <= 50.0
+    )
 
 
 def evaluate_region(g: OnnxTables, root: str, nodes: list) -> tuple[np.ndarray, np.ndarray] | None:
