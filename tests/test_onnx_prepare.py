@@ -255,3 +255,20 @@ def test_an_invalid_model_is_refused_in_one_complete_line(tmp_path):
     with pytest.raises(GlorocertError, match="missing_weight") as caught:
         load(tmp_path / "broken.onnx")
     assert "\n" not in str(caught.value)
+
+
+def test_control_flow_is_refused_naming_the_node(tmp_path):
+    branch = helper.make_graph([helper.make_node("Identity", ["x_const"], ["b"])], "branch", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])],
+                               [numpy_helper.from_array(np.ones(1, np.float32), "x_const")])
+    model = keras_like(tail=None, nhwc=False)
+    model.graph.node.extend([
+        helper.make_node("Constant", [], ["flag"], value=numpy_helper.from_array(np.array(True))),
+        helper.make_node("If", ["flag"], ["offset"], then_branch=branch, else_branch=branch, name="branching"),
+    ])
+    model.graph.node[5].output[0] = "pre"
+    model.graph.node.append(helper.make_node("Add", ["pre", "offset"], ["logits"], name="shifted"))
+    onnx.save(model, tmp_path / "if.onnx")
+    with pytest.raises(UnsupportedOperator) as caught:
+        load(tmp_path / "if.onnx")
+    assert caught.value.op == "If" and "branching" in str(caught.value)

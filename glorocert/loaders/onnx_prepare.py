@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from glorocert.errors import GlorocertError, one_line
+from glorocert.errors import GlorocertError, UnsupportedOperator, one_line
 
 GZIP_MAGIC = b"\x1f\x8b"
 ARGMAX_PRESERVING = {"Softmax", "LogSoftmax", "Identity"}
@@ -121,6 +121,11 @@ def prepare(
     """The rewrites of the module docstring, on a copy; returns it with one note per rewrite made."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     notes: list[str] = []
+    branching = next((n for n in model.graph.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                         for a in n.attribute)), None)
+    if branching is not None:  # the rewrites below read one flat graph
+        raise UnsupportedOperator(branching.op_type, branching.name or branching.output[0],
+                                  "control flow (a subgraph inside the node) has no static Lipschitz analysis")
     _select_output(model, output, notes)
     _strip_argmax_tail(model, notes)
     _prune(model.graph)
