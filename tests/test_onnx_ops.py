@@ -840,3 +840,46 @@ def test_a_spare_sum_in_a_template_cannot_add_a_growing_term(tmp_path):
     onnx.save(_single_input_model(nodes, inits, 1, 1), path)
     with pytest.raises(UnsupportedOperator):
         load(path)
+
+
+class _UnboundMinMax(nn.Module):
+    """MinMax written with unbind, as in issue 12: reshape to pairs, unbind (Split + Squeeze), max/min, then
+    cat along channels or stack on the pair axis."""
+
+    def __init__(self, stack: bool):
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        a, b = x.reshape(n, c // 2, 2, h, w).unbind(2)
+        if self.stack:
+            return torch.stack([torch.maximum(a, b), torch.minimum(a, b)], 2).reshape(n, c, h, w)
+        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], 1)
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+@pytest.mark.parametrize("stack", [False, True])
+def test_minmax_written_with_unbind_is_one_1_lipschitz_minmax(tmp_path, opset, stack):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 6, 3), _UnboundMinMax(stack), nn.Flatten(), nn.Linear(6 * 6 * 6, 4)).eval()
+    path = tmp_path / "unbind.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(1, 1, 8, 8),), path, dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    model = load(path)  # includes the IR-vs-onnxruntime check
+    assert any(isinstance(n.op, ir.MinMax) for n in model.graph.nodes)
+    bound = compose(model.graph)
+    relu_path = tmp_path / "relu.onnx"
+    relu = nn.Sequential(module[0], nn.ReLU(), module[2], module[3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(relu, (torch.zeros(1, 1, 8, 8),), relu_path, dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    # the same weights with a 1-Lipschitz ReLU: the MinMax costs 1 too (not the √2 or 2 of separate reductions)
+    assert bound.global_upper == pytest.approx(compose(load(relu_path).graph).global_upper, rel=1e-6)
+    x = torch.rand(32, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(model.graph.forward(x), module.double()(x), atol=1e-9)
+    assert largest_quotient(lambda v: model.graph.forward(v), (1, 8, 8)) <= bound.global_upper

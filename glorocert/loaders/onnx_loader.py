@@ -32,7 +32,9 @@ import torch
 from onnx import numpy_helper
 
 from glorocert.errors import GlorocertError, UnsupportedOperator
-from glorocert.graph import Add, Affine, AvgPool, Concat, Conv2d, GlobalAvgPool, Graph, MaxPool, MinMax, Node, Reshape
+from glorocert.graph import (
+    Add, Affine, AvgPool, Concat, Conv2d, GlobalAvgPool, Graph, MaxPool, MinMax, Node, Reshape, Transpose,
+)
 from glorocert.loaders.onnx_ops import CONVERTERS, REFUSED, pool_window
 from glorocert.loaders.onnx_patterns import emit_fused, find_patterns
 
@@ -168,20 +170,39 @@ class _Converter:
 
     # ----------------------------------------------------------- MinMax patterns
     def find_minmax(self) -> None:
+        """Concat(Max(a, b), Min(a, b)) of the two halves a, b of one tensor (Split/Slice) → MinMax. torch's
+        ``unbind`` writes the halves with a Squeeze after the Split, and ``stack`` an Unsqueeze before the Concat."""
         self.fused, self.fused_skip = find_patterns(self.model)
         producers = {o: n for n in self.model.graph.node for o in n.output}
         for concat in self.model.graph.node:
             if concat.op_type != "Concat" or len(concat.input) != 2:
                 continue
-            first, second = (producers.get(i) for i in concat.input)
+            (first, second), stacked = self.through(producers, concat.input, "Unsqueeze")
             if not first or not second or {first.op_type, second.op_type} != {"Max", "Min"}:
                 continue
             if set(first.input) != set(second.input) or len(first.input) != 2:
                 continue
+            halves, squeezed = self.through(producers, first.input, "Squeeze")
             self.pending_minmax[concat.output[0]] = {
-                "parts": list(first.input), "axis": _attrs(concat)["axis"], "max_first": first.op_type == "Max",
-                "skip": {first.output[0], second.output[0]},
+                "parts": [h.input[0] for h in halves] if squeezed is not None else list(first.input),
+                "axis": _attrs(concat)["axis"], "max_first": first.op_type == "Max", "squeezed": squeezed, "stacked": stacked,
+                "skip": {first.output[0], second.output[0]} | (set(first.input) if squeezed is not None else set())
+                        | (set(concat.input) if stacked is not None else set()),
             }
+
+    def through(self, producers: dict, names, op_type: str) -> tuple[list, int | None]:
+        """The producers of ``names``, looked through when both are ``op_type`` (Squeeze/Unsqueeze) of one axis
+        each, the same: (producers, that axis), else (producers, None)."""
+        nodes = [producers.get(n) for n in names]
+        if not all(n is not None and n.op_type == op_type for n in nodes):
+            return nodes, None
+        axes = [_attrs(n).get("axes") for n in nodes]
+        axes = [list(a) if a is not None else (self.consts[n.input[1]].tolist() if len(n.input) > 1 and n.input[1] in self.consts else None)
+                for a, n in zip(axes, nodes)]
+        if axes[0] is None or axes[0] != axes[1] or len(axes[0]) != 1:
+            return nodes, None
+        inner = [producers.get(n.input[0]) for n in nodes]
+        return (nodes if op_type == "Squeeze" else inner), int(axes[0][0])
 
     def minmax(self, node: onnx.NodeProto) -> None:
         p = self.pending_minmax[node.output[0]]
@@ -190,9 +211,36 @@ class _Converter:
             raise UnsupportedOperator("Max/Min", node.name or node.output[0], "MinMax must pair two halves of one tensor (Split or Slice)")
         src, axis, a0, a1, size = a
         _, _, b0, b1, _ = b
-        if sorted([(a0, a1), (b0, b1)]) != [(0, size // 2), (size // 2, size)] or p["axis"] % self.rank[src] != axis:
-            raise UnsupportedOperator("Max/Min", node.name or node.output[0], "MinMax must split and re-join the same axis in two halves")
-        self.emit(node.output[0], MinMax(axis=axis, max_first=p["max_first"]), src)
+        rank = self.rank[src]
+        if sorted([(a0, a1), (b0, b1)]) != [(0, size // 2), (size // 2, size)]:
+            raise UnsupportedOperator("Max/Min", node.name or node.output[0], "MinMax must split one axis in two halves")
+        if p["squeezed"] is None and p["stacked"] is None:
+            if p["axis"] % rank != axis:
+                raise UnsupportedOperator("Max/Min", node.name or node.output[0], "MinMax must split and re-join the same axis")
+            return self.emit(node.output[0], MinMax(axis=axis, max_first=p["max_first"]), src)
+        self.unbound_minmax(node, p, src, axis, size, rank)
+
+    def unbound_minmax(self, node, p, src: str, axis: int, size: int, rank: int) -> None:
+        """Halves of size 1 squeezed away (unbind), re-joined along another axis j: MinMax on the split axis puts
+        (max, min) there; moving that axis to j is a Transpose, and a Concat (not a stack) then merges it with
+        the next axis: a Reshape. Both are isometries, so the pattern stays 1-Lipschitz."""
+        name = node.name or node.output[0]
+        if p["squeezed"] is None or p["squeezed"] % rank != axis or size != 2:
+            raise UnsupportedOperator("Max/Min", name, "a stacked MinMax must pair the two entries of one axis (unbind)")
+        out_rank = rank if p["stacked"] is not None else rank - 1
+        j = p["axis"] % out_rank
+        if j == 0 or (p["stacked"] is not None and p["stacked"] % out_rank != j):
+            raise UnsupportedOperator("Max/Min", name, "MinMax of an unbound pair must re-join the pair along one axis")
+        paired = node.output[0] + "/minmax"
+        self.emit(paired, MinMax(axis=axis, max_first=p["max_first"]), src)
+        perm = [d for d in range(rank) if d != axis]
+        perm.insert(j, axis)
+        moved = node.output[0] + "/moved" if p["stacked"] is None else node.output[0]
+        self.emit(moved, Transpose(tuple(perm)), paired)
+        if p["stacked"] is None:
+            shape = list(self.shape(moved))
+            shape[j : j + 2] = [shape[j] * shape[j + 1]]
+            self.emit(node.output[0], Reshape(tuple(shape[1:])), moved)
 
     # ---------------------------------------------------------------- operators
     def convert_node(self, node: onnx.NodeProto) -> None:
