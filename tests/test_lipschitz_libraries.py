@@ -21,6 +21,7 @@ exporter fails to decompose them), so there is no file for glorocert to read.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -270,28 +271,13 @@ def built(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(built):
     """case name → glorocert Model, loaded once per module (a file that fails to load fails again in each test)."""
-    cache: dict[str, object] = {}
-
-    def get(name: str):
-        if name not in cache:
-            b = built(name)
-            cache[name] = load(b.path, input_shape=b.shape)
-        return cache[name]
-
-    return get
+    return functools.cache(lambda name: load(built(name).path, input_shape=built(name).shape))
 
 
 @pytest.fixture(scope="module")
 def bounds(loaded):
     """case name → compose(graph), computed once per module."""
-    cache: dict[str, object] = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = compose(loaded(name).graph)
-        return cache[name]
-
-    return get
+    return functools.cache(lambda name: compose(loaded(name).graph))
 
 
 def _native_logits(b: Built, x: np.ndarray) -> np.ndarray:

@@ -164,14 +164,22 @@ def test_onnx_operator_outside_the_ir_is_refused_naming_it_and_its_node(tmp_path
 # --------------------------------------------------------------------------- untrusted and broken files
 
 
-def test_pickled_module_is_refused_without_trust_pickle(tmp_path):
-    path = save_pickle(make_model("chain"), tmp_path / "model.pt")
+def _legacy_pickle(module, path):
+    """torch.save's format before PyTorch 1.6 (a plain pickle stream, not a zip archive)."""
+    torch.save(module, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+@pytest.mark.parametrize("save", [save_pickle, _legacy_pickle], ids=["zip", "legacy"])
+def test_pickled_module_is_refused_without_trust_pickle(tmp_path, save):
+    path = save(make_model("chain"), tmp_path / "model.pt")
     with pytest.raises(GlorocertError, match="--trust-pickle"):
         load(path, input_shape=SHAPE)
 
 
-def test_pickled_module_is_never_unpickled_without_trust_pickle(tmp_path, monkeypatch):
-    path = save_pickle(make_model("chain"), tmp_path / "model.pt")
+@pytest.mark.parametrize("save", [save_pickle, _legacy_pickle], ids=["zip", "legacy"])
+def test_pickled_module_is_never_unpickled_without_trust_pickle(tmp_path, monkeypatch, save):
+    path = save(make_model("chain"), tmp_path / "model.pt")
     unsafe = []
     real_load = torch.load
 

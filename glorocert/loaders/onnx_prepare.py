@@ -61,8 +61,7 @@ def read_onnx(path: Path) -> onnx.ModelProto:
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, onnx.checker.ValidationError) as e:
-        missing = [t.name for t in _external_tensors(model) if not _external_file(t, path.parent).is_file()]
-        files = sorted({str(_external_file(t, path.parent)) for t in _external_tensors(model) if t.name in missing})
+        files = sorted({str(f) for f in (_external_file(t, path.parent) for t in _external_tensors(model)) if not f.is_file()})
         where = f"; missing: {', '.join(files)}" if files else f" ({one_line(str(e))})"
         raise GlorocertError(f"{path}: its weights are stored in external data files that cannot be read{where}. "
                              "Keep them beside the model, under the names it records") from None
@@ -166,16 +165,13 @@ def _strip_argmax_tail(model: onnx.ModelProto, notes: list[str]) -> None:
     graph = model.graph
     producers = {o: n for n in graph.node for o in n.output}
     out = graph.output[0]
-    node, stripped = producers.get(out.name), []
+    node, stripped, logits = producers.get(out.name), [], out.name
     while node is not None and node.op_type in ARGMAX_PRESERVING and _on_class_axis(node, model, out):
         stripped.append(node.op_type)
-        node = producers.get(node.input[0])
+        logits = node.input[0]
+        node = producers.get(logits)
     if not any(op != "Identity" for op in stripped):
         return
-    source = producers[out.name]
-    for _ in stripped[1:]:
-        source = producers[source.input[0]]
-    logits = source.input[0]
     renamed = onnx.ValueInfoProto()
     renamed.CopyFrom(out)
     renamed.name = logits
