@@ -19,6 +19,7 @@ from torch import nn
 
 from glorocert.api import compute_bound, default_path
 from glorocert.loaders import load
+from glorocert.train import state as train_state_files
 
 SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
@@ -397,3 +398,19 @@ def largest_quotient(f, in_shape, *, restarts=8, steps=80, spread=3.0, gap=0.5, 
         (-ratio.sum()).backward()
         optimiser.step()
     return best
+
+
+def interrupt_at_the_second_state_json(monkeypatch) -> Callable:
+    """Ctrl-C as train writes train_state.json the second time (after epoch 2, whose tensors are written by then).
+    Returns the real writer, to put back."""
+    real, calls = train_state_files.write_text, []
+
+    def write_text(path, text):
+        if Path(path).name == train_state_files.STATE_JSON:
+            calls.append(path)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return real(path, text)
+
+    monkeypatch.setattr(train_state_files, "write_text", write_text)
+    return real

@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 
 from glorocert.data import open_dataset
-from helpers import chain_model_with_bound, run_main
+from helpers import chain_model_with_bound, interrupt_at_the_second_state_json, run_main
 
 ENTRY = [sys.executable, "-c", "from glorocert.launch import main; main()"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -596,17 +596,8 @@ def test_an_interrupt_between_the_two_halves_of_the_train_state_keeps_a_state_th
     code, _, err = run_main(monkeypatch, capsys, *_train_args_in_process(inputs, tmp_path / "reference"))
     assert code == 0, err
 
-    real_write_text, calls = state.write_text, []
-
-    def write_text(path, text):
-        if Path(path).name == state.STATE_JSON:
-            calls.append(path)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-        return real_write_text(path, text)
-
     run = tmp_path / "run"
-    monkeypatch.setattr(state, "write_text", write_text)
+    real_write_text = interrupt_at_the_second_state_json(monkeypatch)
     code, _, err = run_main(monkeypatch, capsys, *_train_args_in_process(inputs, run))
     assert code == 130, err
     monkeypatch.setattr(state, "write_text", real_write_text)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import digits_split
+from helpers import digits_split, interrupt_at_the_second_state_json
 from glorocert.errors import GlorocertError
 from glorocert.train import losses
 from glorocert.zoo import (
@@ -360,22 +359,6 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits_512_256, t
     torch.testing.assert_close(scripted(x_val[:5]), loaded(x_val[:5]))
 
 
-def _interrupted_at_the_second_state_json(monkeypatch):
-    """Ctrl-C as train writes train_state.json after epoch 2 (the tensors of epoch 2 are written by then)."""
-    from glorocert.train import state
-
-    real, calls = state.write_text, []
-
-    def write_text(path, text):
-        if Path(path).name == state.STATE_JSON:
-            calls.append(path)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-        return real(path, text)
-
-    monkeypatch.setattr(state, "write_text", write_text)
-
-
 def test_an_interrupt_between_the_two_halves_of_the_resume_state_loses_nothing(digits_512_256, tmp_path, monkeypatch):
     """The tensors and then the JSON (which holds the tensors' hash) were written one by one: Ctrl-C between
     them left new tensors beside the old JSON, and --resume refused: the run was lost. Now the log and both
@@ -384,7 +367,7 @@ def test_an_interrupt_between_the_two_halves_of_the_resume_state_loses_nothing(d
     x_train, y_train = x_train[:128], y_train[:128]
     config = dict(epochs=3, batch_size=64)
     whole = train(_small_config(out_dir=str(tmp_path / "whole"), **config), x_train, y_train, x_val, y_val)
-    _interrupted_at_the_second_state_json(monkeypatch)
+    interrupt_at_the_second_state_json(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(_small_config(out_dir=str(tmp_path / "cut"), **config), x_train, y_train, x_val, y_val)
     monkeypatch.undo()
