@@ -7,7 +7,10 @@ seconds) with one line instead of a traceback, and later by the command's own cl
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
+import signal
 import sys
 
 from glorocert.errors import Terminated, caused_by_interrupt, interrupt_on_sigterm
@@ -22,7 +25,33 @@ def main() -> None:
             raise
         sys.stderr.write(("terminated (SIGTERM)" if Terminated.received else "interrupted") + " during start-up; nothing was written\n")
         sys.exit(Terminated.exit_code if Terminated.received else 130)
-    cli.main()
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    except KeyboardInterrupt:  # a signal in the instant between the command's own handler and here
+        code = Terminated.exit_code if Terminated.received else 130
+    _leave(code)
+
+
+def _leave(code: int | str | None) -> None:
+    """Exit without tearing the interpreter down. The command has finished: its outputs are complete or
+    absent. Teardown only adds ways to lose the exit code: Python restores the default handlers while
+    finalizing, so a late SIGTERM killed the process (-15), and a native torch/onnxruntime thread touching
+    the finalizing interpreter aborted it (-6, "PyThreadState_Get: ... the GIL is released")."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)  # too late to stop anything: the result stands
+    if isinstance(code, str):
+        sys.stderr.write(code + "\n")
+        code = 1
+    atexit._run_exitfuncs()  # what the libraries registered (multiprocessing reaps its children here)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":
