@@ -18,10 +18,27 @@ zero. The model is a plain ``nn.Sequential`` of ``Conv2d``, ``Linear``,
 ``ReLU`` / :class:`MinMax` and ``Flatten`` so that both of glorocert's front
 ends (TorchScript / ONNX) see only operators the IR knows.
 
+LiResNet (Hu et al., NeurIPS 2023, "Unlocking Deterministic Robustness
+Certification on ImageNet"), sized for 28×28 data by ``depth`` and ``width``:
+
+========  =================================================================
+stem      conv``width`` k4 s2 (28 → 14)
+blocks    ``depth`` × [x + conv``width`` k3 s1 (x)] — :class:`Residual`, one
+          linear operator I + W whose norm is bounded as a whole
+neck      conv``width`` k4 s2 (14 → 7) → FC ``8·width``
+head      FC C
+========  =================================================================
+
+each conv / block / hidden FC followed by the activation. It is still a
+``Sequential``: a residual block is one module, so the trainer's power
+iteration treats it as one operator and the export is Conv + Add.
+
 A *spec* is the JSON-serialisable description of a model::
 
     {"arch": "2c2f", "activation": "relu", "minmax_pairing": "halves",
      "input_shape": [1, 28, 28], "num_classes": 10}
+
+(LiResNet adds ``"depth"`` and ``"width"``; the other architectures have neither.)
 
 :func:`build` turns a spec into a module; :func:`save_checkpoint` /
 :func:`load_checkpoint` store weights *and* spec in one safetensors file (no
@@ -41,7 +58,9 @@ from torch import nn
 from glorocert.errors import GlorocertError, one_line
 from glorocert.files import atomic_write
 
-ARCHITECTURES = ("2c2f", "4c3f", "6c2f", "8c2f")
+ARCHITECTURES = ("2c2f", "4c3f", "6c2f", "8c2f", "liresnet")
+RESIDUAL_ARCHITECTURES = ("liresnet",)  # specs with "depth" and "width"
+LIRESNET_DEFAULTS = {"depth": 4, "width": 16}
 ACTIVATIONS = ("relu", "minmax")
 MINMAX_PAIRINGS = ("halves", "adjacent")
 CHECKPOINT_FORMAT = "1"
@@ -63,6 +82,24 @@ _LAYOUTS: dict[str, tuple[list[tuple[int, int, int]], list[int]]] = {
         [256],
     ),
 }
+
+
+class Residual(nn.Module):
+    """``x + conv(x)`` with a stride-1, size-preserving ``conv`` (odd kernel, padding k // 2).
+
+    The block is one linear operator ``I + W`` (plus the bias): its Lipschitz
+    constant is ``‖I + W‖``, which can be far below ``1 + ‖W‖``; the trainer and
+    the bounder both treat it as one operator.
+    """
+
+    def __init__(self, channels: int, kernel: int = 3):
+        super().__init__()
+        if kernel % 2 != 1:
+            raise GlorocertError(f"a residual conv needs an odd kernel to keep its input's size, got {kernel}")
+        self.conv = nn.Conv2d(channels, channels, kernel, 1, kernel // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
 
 
 class MinMax(nn.Module):
@@ -126,13 +163,26 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
         raise GlorocertError(f"input_shape must be [channels, height, width], got {input_shape}")
     if num_classes < 2:
         raise GlorocertError(f"num_classes must be at least 2, got {num_classes}")
-    return {
+    normalised = {
         "arch": arch,
         "activation": activation,
         "minmax_pairing": pairing,
         "input_shape": input_shape,
         "num_classes": num_classes,
     }
+    if arch in RESIDUAL_ARCHITECTURES:
+        normalised.update(_residual_sizes(spec))
+    return normalised
+
+
+def _residual_sizes(spec: dict[str, Any]) -> dict[str, int]:
+    try:
+        sizes = {key: int(spec.get(key, default)) for key, default in LIRESNET_DEFAULTS.items()}
+    except (TypeError, ValueError) as exc:
+        raise GlorocertError(f"invalid model spec {spec!r}: {exc}") from None
+    if sizes["depth"] < 0 or sizes["width"] < 2 or sizes["width"] % 2:
+        raise GlorocertError(f"LiResNet needs depth >= 0 and an even width >= 2 (MinMax pairs channels), got {sizes}")
+    return sizes
 
 
 def _activation(spec: dict[str, Any]) -> nn.Module:
@@ -142,6 +192,8 @@ def _activation(spec: dict[str, Any]) -> nn.Module:
 def build(spec: dict[str, Any]) -> nn.Sequential:
     """Build the network described by ``spec`` with orthogonal initialisation (uses torch's RNG)."""
     spec = validate_spec(spec)
+    if spec["arch"] == "liresnet":
+        return _liresnet(spec)
     convs, hidden = _LAYOUTS[spec["arch"]]
     channels, height, width = spec["input_shape"]
     layers: list[nn.Module] = []
@@ -166,6 +218,33 @@ def build(spec: dict[str, Any]) -> nn.Sequential:
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.orthogonal_(module.weight)
             nn.init.zeros_(module.bias)
+    return model
+
+
+def _liresnet(spec: dict[str, Any]) -> nn.Sequential:
+    channels, height, width_px = spec["input_shape"]
+    width, depth = spec["width"], spec["depth"]
+    if min(height, width_px) < 4:
+        raise GlorocertError(f"input shape {spec['input_shape']} is too small for LiResNet (two stride-2 convs)")
+    stem = nn.Conv2d(channels, width, 4, 2, 1)
+    blocks = [Residual(width) for _ in range(depth)]
+    neck = nn.Conv2d(width, width, 4, 2, 1)
+    size = (height // 2 // 2) * (width_px // 2 // 2)  # k4 s2 p1 halves each side (floor)
+    dense = nn.Linear(width * size, 8 * width)
+    layers: list[nn.Module] = [stem, _activation(spec)]
+    for block in blocks:
+        layers += [block, _activation(spec)]
+    layers += [neck, _activation(spec), nn.Flatten(), dense, _activation(spec), nn.Linear(8 * width, spec["num_classes"])]
+    model = nn.Sequential(*layers)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.orthogonal_(module.weight)
+            nn.init.zeros_(module.bias)
+    for block in blocks:
+        # Start near the identity: an orthogonal k3 kernel has norm up to 3, so ‖I + W‖ up to 4 per block;
+        # scaled by 1/(3·√depth) the product over the blocks starts below e^(1/√depth)-ish, not 4^depth.
+        with torch.no_grad():
+            block.conv.weight.mul_(1.0 / (3.0 * max(depth, 1) ** 0.5))
     return model
 
 

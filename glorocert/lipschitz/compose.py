@@ -11,7 +11,9 @@
    ReduceMax/Min and CReLU), √m·L(in) for max pooling whose windows share an
    input up to m times, |c|·√(a·κ)·L(in) for l2-norm pooling c·√(a·avg(x²) + b)
    (κ ≤ m/d for windows of divisor d: :func:`l2pool_lipschitz`), L(a) + L(b)
-   at an Add, and √(L(a)² + L(b)²) at a Concat.
+   at an Add, and √(L(a)² + L(b)²) at a Concat. A residual Add, a + B(a) with B a linear segment
+   read only by the Add, is bounded as ONE operator I + B (:func:`bound_residual`): L = ‖I + B‖·L(a),
+   which can be far below (1 + ‖B‖)·L(a).
 3. The margin matrix K[j][i] bounds the Lipschitz constant of y_j − y_i.
    When the graph ends with a linear segment A (e.g. the last dense layer),
    K[j][i] = ‖A_j − A_i‖₂ · L(input of A) (GloRo, Appendix A.2); otherwise
@@ -31,6 +33,7 @@ from glorocert.graph import (
     Activation, Add, Affine, Concat, Conv2d, CReLU, Graph, GroupMinMax, L2Pool, Linear, MaxPool, MinMax, Node, PReLU,
     Reduce, Reshape, Sort, Transpose,
 )
+from glorocert.lipschitz import conv_bounds
 from glorocert.lipschitz import operators as ops_bounds
 from glorocert.lipschitz.lanczos import lanczos_estimate
 from glorocert.lipschitz.operators import FLOAT_MARGIN
@@ -162,25 +165,76 @@ def bound_segment(block: Block, tol: float, max_iter: int, exact_side: int = ops
     if all(isinstance(n.op, (Reshape, Transpose)) for n in block.nodes):
         return BlockBound(block.name, block.description, block.in_shape, block.out_shape, 1.0, 1.0, "isometry")
     if ops_bounds.exact_affordable(block.in_shape, block.out_shape, exact_side):
-        gram = ops_bounds.gram_matrix(block.homogeneous, block.in_shape, block.out_shape)
-        upper, method = ops_bounds.norm_from_gram(gram), "exact"
-        estimate = ops_bounds.power_iteration_gram(gram, tol=tol, max_iter=max_iter)
-    else:
-        estimate = lanczos_estimate(block.homogeneous, block.in_shape, tol=tol, max_iter=max_iter)
-        upper, methods, shape = 1.0, [], block.in_shape
-        for op in fold_scales(block.nodes):
-            value, how = ops_bounds.upper_bound(op, shape, exact_side)
-            upper *= value
-            methods.append(how)
-            shape = tuple(op.homogeneous(torch.zeros(1, *shape, dtype=torch.float64)).shape[1:])
-        method = "·".join(m for m in methods if m != "isometry") or "isometry"
+        return _exact(block.homogeneous, block, block.name, block.description, tol, max_iter)
+    estimate = lanczos_estimate(block.homogeneous, block.in_shape, tol=tol, max_iter=max_iter)
+    upper, method = _product_bound(block, exact_side)
+    return _checked(block, block.name, block.description, estimate, upper, method)
+
+
+def _exact(f: Callable, block: Block, name: str, description: str, tol: float, max_iter: int) -> BlockBound:
+    gram = ops_bounds.gram_matrix(f, block.in_shape, block.out_shape)
+    estimate = ops_bounds.power_iteration_gram(gram, tol=tol, max_iter=max_iter)
+    return _checked(block, name, description, estimate, ops_bounds.norm_from_gram(gram), "exact")
+
+
+def _product_bound(block: Block, exact_side: int) -> tuple[float, str]:
+    """∏ of the bounds of the segment's ops (per-channel scales folded into their neighbours)."""
+    upper, methods, shape = 1.0, [], block.in_shape
+    for op in fold_scales(block.nodes):
+        value, how = ops_bounds.upper_bound(op, shape, exact_side)
+        upper *= value
+        methods.append(how)
+        shape = tuple(op.homogeneous(torch.zeros(1, *shape, dtype=torch.float64)).shape[1:])
+    return upper, "·".join(m for m in methods if m != "isometry") or "isometry"
+
+
+def _checked(block: Block, name: str, description: str, estimate, upper: float, method: str) -> BlockBound:
     upper *= 1.0 + FLOAT_MARGIN
     if estimate.value > upper * (1 + 1e-7):
-        raise AssertionError(f"power iteration {estimate.value} exceeds the guaranteed bound {upper} on {block.name}")
-    return BlockBound(
-        block.name, block.description, block.in_shape, block.out_shape,
-        estimate.value, upper, method, estimate.iterations, estimate.converged,
-    )
+        raise AssertionError(f"power iteration {estimate.value} exceeds the guaranteed bound {upper} on {name}")
+    return BlockBound(name, description, block.in_shape, block.out_shape, estimate.value, upper, method,
+                      estimate.iterations, estimate.converged)
+
+
+def residual_branches(graph: Graph, blocks: list[Block]) -> dict[str, Block]:
+    """Residual Adds a + B(a): Add name → the linear segment B, when B reads a, keeps its shape and only the Add
+    reads B (so B's own bound is needed nowhere else)."""
+    consumers = graph.consumers()
+    segments = {b.name: b for b in blocks if b.linear}
+    branches: dict[str, Block] = {}
+    for block in blocks:
+        if block.linear or not isinstance(block.nodes[0].op, Add) or len(block.inputs) != 2:
+            continue
+        for skip, branch in (block.inputs, block.inputs[::-1]):
+            segment = segments.get(branch)
+            if (segment is not None and skip != branch and segment.inputs[0] == skip and consumers[branch] == [block.name]
+                    and segment.in_shape == segment.out_shape and branch != graph.output):
+                branches[block.name] = segment
+                break
+    return branches
+
+
+def bound_residual(segment: Block, add: Block, tol: float, max_iter: int,
+                   exact_side: int = ops_bounds.EXACT_MAX_SIDE) -> BlockBound:
+    """‖I + B‖ for the residual a + B(a), bounded as one operator: the exact norm where its Gram matrix is
+    affordable; otherwise the smaller of the triangle inequality 1 + ‖B‖ (always valid) and, for B one
+    convolution, the circulant bounds of the convolution equal to I + B (conv_bounds.identity_plus)."""
+    def residual(x: torch.Tensor) -> torch.Tensor:
+        return x + segment.homogeneous(x)
+
+    description = f"x + ({segment.description})"
+    if ops_bounds.exact_affordable(segment.in_shape, segment.out_shape, exact_side):
+        return _exact(residual, segment, add.name, description, tol, max_iter)
+    estimate = lanczos_estimate(residual, segment.in_shape, tol=tol, max_iter=max_iter)
+    ops = fold_scales(segment.nodes)
+    merged = conv_bounds.identity_plus(ops[0], segment.in_shape) if len(ops) == 1 and isinstance(ops[0], Conv2d) else None
+    upper, how = _product_bound(segment, exact_side)
+    upper, how = 1.0 + upper, f"1+({how})"
+    if merged is not None:  # both are sound: keep the smaller (the circulant bounds of W can be loose where I + W's are not, and back)
+        merged_upper, merged_how = conv_bounds.conv_upper_bound(merged, segment.in_shape)
+        if merged_upper < upper:
+            upper, how = merged_upper, f"I+W {merged_how}"
+    return _checked(segment, add.name, description, estimate, upper, how)
 
 
 def nonlinear_constant(block: Block) -> tuple[float, str]:
@@ -230,11 +284,21 @@ def compose(
     est = {graph.input_name: 1.0}
     results: list[BlockBound] = []
     blocks = blocks_of(graph)
+    residuals = residual_branches(graph, blocks)
+    branch_names = {segment.name for segment in residuals.values()}
     for block in blocks:
         if progress:
             progress(block.name)
         op = block.nodes[0].op
-        if block.linear:
+        if block.name in branch_names:
+            continue  # bounded with its Add, as I + B
+        if block.name in residuals:
+            b = bound_residual(residuals[block.name], block, tol, max_iter, exact_side)
+            skip = residuals[block.name].inputs[0]
+            upper[block.name] = b.upper * upper[skip]
+            est[block.name] = b.estimate * est[skip]
+            results.append(b)
+        elif block.linear:
             b = bound_segment(block, tol, max_iter, exact_side)
             upper[block.name] = b.upper * upper[block.inputs[0]]
             est[block.name] = b.estimate * est[block.inputs[0]]

@@ -51,6 +51,13 @@ convolutional layers with circular and zero paddings"): it bounds the convolutio
 the maximum over the torus' grid: never tighter than (2) either. Both are faster than an SVD per
 frequency, not tighter; the gap that matters, circular vs zero-padded, is what (3) closes.
 
+**4. Residual blocks, x ↦ x + A x, as one convolution.** With stride 1, C_out = C_in and padding that keeps
+the size (t + b = k_e,h − 1, l + r = k_e,w − 1), output (i, j) of A reads padded rows i … i + k_e,h − 1, and
+padded row i + t is input row i. So the identity is the convolution whose dense kernel is I (in the
+channels) at tap (t, l) and zero elsewhere, with the same padding, and I + A is exactly the convolution
+with the dense kernel K + I·δ_(t,l) (:func:`identity_plus`). Sections 1–3 then bound ‖I + A‖ as they bound
+any convolution: no 1 + ‖A‖ product, and the same finite-extent argument.
+
 Rounding: the DFT, LAPACK's SVD and its symmetric eigensolver are backward stable; all three perturb the
 result by O(u·n) relative, under 1e-10 here, which the caller's FLOAT_MARGIN (1e-6) covers.
 """
@@ -79,6 +86,19 @@ def dense_kernel(conv: Conv2d) -> torch.Tensor:
         rows, cols = slice(g * per_group, (g + 1) * per_group), slice(g * c_in_group, (g + 1) * c_in_group)
         dense[rows, cols, ::dh, ::dw] = weight[rows]
     return dense
+
+
+def identity_plus(conv: Conv2d, in_shape: tuple[int, ...]) -> Conv2d | None:
+    """The convolution equal to x ↦ x + conv(x) (homogeneous part), or None where the identity is no tap of
+    the kernel: stride ≠ 1, C_out ≠ C_in, or an output of another size (section 4)."""
+    dense = dense_kernel(conv)
+    c_out, c_in, kh_e, kw_e = dense.shape
+    t, b, l, r = conv.padding
+    if conv.stride != (1, 1) or c_out != c_in or c_in != in_shape[0] or t + b != kh_e - 1 or l + r != kw_e - 1:
+        return None
+    channels = torch.arange(c_in)
+    dense[channels, channels, t, l] += 1.0
+    return Conv2d(dense, None, (1, 1), conv.padding, (1, 1), 1)
 
 
 def torus(conv: Conv2d, in_shape: tuple[int, ...]) -> tuple[int, int]:

@@ -6,7 +6,9 @@ steps, exactly as the GloRo paper prescribes: a few iterations
 ``x ← WᵀW x / ‖WᵀW x‖`` per step are enough because the weights move slowly.
 For a convolution ``W x`` is ``conv2d`` and ``Wᵀ y`` is ``conv_transpose2d``
 with the ``output_padding`` that restores the input shape; the bias is not
-part of the linear operator and is ignored.
+part of the linear operator and is ignored. A residual block ``x + conv(x)``
+(:class:`~glorocert.zoo.Residual`) is ONE operator ``I + W``: ``x + W x`` and
+``y + Wᵀ y``, so its estimate approaches ``‖I + W‖``, not ``1 + ‖W‖``.
 
 The normalisation divides by the plain norm — no epsilon is added to it (an
 epsilon there made the reference implementation's constant too small for
@@ -28,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from glorocert.errors import GlorocertError
-from glorocert.zoo import MinMax
+from glorocert.zoo import MinMax, Residual
 
 _ONE_LIPSCHITZ = (nn.ReLU, MinMax, nn.Flatten, nn.Identity)
+_LINEAR = (nn.Conv2d, nn.Linear, Residual)
 
 
 @dataclass
@@ -45,7 +48,7 @@ class ConvergenceReport:
 class PowerIteration(nn.Module):
     """Persistent power-iteration iterates for every linear operator of a Sequential net.
 
-    Only ``Conv2d``, ``Linear`` and 1-Lipschitz activations (ReLU, MinMax),
+    Only ``Conv2d``, ``Linear``, ``Residual`` and 1-Lipschitz activations (ReLU, MinMax),
     ``Flatten`` are accepted; anything else is refused rather than assumed
     1-Lipschitz. The last module must be the ``Linear`` producing the logits.
     """
@@ -55,13 +58,16 @@ class PowerIteration(nn.Module):
         if not isinstance(model, nn.Sequential) or len(model) == 0:
             raise GlorocertError("power iteration needs a non-empty nn.Sequential model")
         for index, module in enumerate(model):
-            if not isinstance(module, (nn.Conv2d, nn.Linear) + _ONE_LIPSCHITZ):
+            if not isinstance(module, _LINEAR + _ONE_LIPSCHITZ):
                 raise GlorocertError(
                     f"layer {index} ({type(module).__name__}) has no known Lipschitz constant; "
-                    "the trainer supports Conv2d, Linear, ReLU, MinMax and Flatten"
+                    "the trainer supports Conv2d, Linear, Residual, ReLU, MinMax and Flatten"
                 )
-            if isinstance(module, nn.Conv2d) and (module.dilation != (1, 1) or module.groups != 1
-                                                  or module.padding_mode != "zeros"):
+            conv = module.conv if isinstance(module, Residual) else module
+            if isinstance(module, Residual) and (conv.stride != (1, 1) or conv.in_channels != conv.out_channels):
+                raise GlorocertError(f"layer {index}: a residual conv must keep its input's shape (stride 1)")
+            if isinstance(conv, nn.Conv2d) and (conv.dilation != (1, 1) or conv.groups != 1
+                                                or conv.padding_mode != "zeros"):
                 raise GlorocertError(f"layer {index}: only ungrouped, undilated, zero-padded convs")
         if not isinstance(model[-1], nn.Linear):
             raise GlorocertError("the last layer must be the Linear layer producing the logits")
@@ -72,7 +78,7 @@ class PowerIteration(nn.Module):
         x = torch.zeros(1, *input_shape)
         with torch.no_grad():
             for index, module in enumerate(model):
-                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                if isinstance(module, _LINEAR):
                     self.layer_indices.append(index)
                     self.input_shapes[index] = tuple(x.shape)
                     iterate = torch.randn(x.shape, generator=generator, dtype=torch.float32)
@@ -90,12 +96,18 @@ class PowerIteration(nn.Module):
         module = self._module(index)
         if isinstance(module, nn.Linear):
             return F.linear(x, module.weight)
+        if isinstance(module, Residual):
+            conv = module.conv
+            return x + F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
         return F.conv2d(x, module.weight, None, module.stride, module.padding)
 
     def _transpose_operator(self, index: int, y: torch.Tensor) -> torch.Tensor:
         module = self._module(index)
         if isinstance(module, nn.Linear):
             return F.linear(y, module.weight.t())
+        if isinstance(module, Residual):  # (I + W)ᵀ = I + Wᵀ; stride 1 and 'same' padding need no output_padding
+            conv = module.conv
+            return y + F.conv_transpose2d(y, conv.weight, None, conv.stride, conv.padding)
         _, _, height, width = self.input_shapes[index]
         kh, kw = module.kernel_size
         sh, sw = module.stride
