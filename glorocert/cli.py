@@ -491,10 +491,12 @@ def train(
     macer_beta: Annotated[float, typer.Option("--macer-beta", help="MACER: inverse softmax temperature β.")] = 16.0,
     macer_gamma: Annotated[float, typer.Option("--macer-gamma", help="MACER: hinge γ on Φ⁻¹(p_y) − Φ⁻¹(p_runner-up).")] = 8.0,
     macer_lam: Annotated[float, typer.Option("--macer-lam", help="MACER: weight λ of the robustness term (paper: 12 at σ=0.25, 4 at σ=0.5).")] = 12.0,
-    arch: Annotated[str, typer.Option("--arch", help="2c2f, 4c3f, 6c2f or 8c2f (the GloRo paper's architectures).")] = "2c2f",
+    arch: Annotated[str, typer.Option("--arch", help="2c2f, 4c3f, 6c2f or 8c2f (the GloRo paper's architectures), or liresnet (residual blocks x + conv(x) bounded as one operator; Hu et al. 2023).")] = "2c2f",
+    depth: Annotated[int, typer.Option("--depth", help="liresnet: number of residual blocks.")] = 4,
+    width: Annotated[int, typer.Option("--width", help="liresnet: channels of the residual blocks (even; the dense layer has 8×).")] = 16,
     activation: Annotated[str, typer.Option("--activation", help="relu or minmax.")] = "relu",
     minmax_pairing: Annotated[str, typer.Option("--minmax-pairing", help="halves (channel c with c+C/2, LiResNet) or adjacent (elements 2k, 2k+1, TF gloro).")] = "halves",
-    loss: Annotated[str, typer.Option("--loss", help="ce (standard training baseline), gloro (GloRo cross-entropy with a ⊥ class) or trades (GloRo-TRADES).")] = "gloro",
+    loss: Annotated[str, typer.Option("--loss", help="ce (standard training baseline), gloro (GloRo cross-entropy with a ⊥ class), trades (GloRo-TRADES) or emma (ε adapted per class pair; Hu et al. 2023).")] = "gloro",
     train_eps: Annotated[Optional[float], typer.Option("--train-eps", help="ε the loss uses (default: --eps); the paper trains at 1.1–1.5× the test ε.")] = None,
     eps_schedule: Annotated[Optional[str], typer.Option("--eps-schedule", help="Training-ε schedule: fixed, linear, linear_half, logarithmic, logarithmic_half (default: fixed for gloro; linear_half — 0 → ε over the first half — for bcp and kw, as in their papers).")] = None,
     lam: Annotated[float, typer.Option("--lam", help="Final TRADES λ (gloro with --loss trades), or the weight κ ∈ [0, 1] of the robust loss in (1 − κ)·CE + κ·robust (bcp, kw).")] = 1.0,
@@ -518,13 +520,16 @@ def train(
     Example: glorocert train --method bcp --data mnist-5k --eps 1.58 --epochs 60 --batch-size 50 --lr 3e-4 --out models/mnist-5k-bcp1.58
 
     Example: glorocert train --method macer --sigma 0.25 --data mnist-5k --epochs 50 --out models/mnist-5k-macer0.25
+    augment_shift: Annotated[int, typer.Option("--augment-shift", help="Shift each training image by up to N pixels at random (0: no augmentation).")] = 0,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate on the held-out split (power iterates converged) every N epochs and after the last.")] = 1,
     """
     parse_method(method)
     smoothing = method in SMOOTHING_METHODS
     if eps is None and not smoothing:
         raise GlorocertError(f"--eps is required with --method {method}")
     config = TrainConfig(
-        method=method, arch=arch, activation=activation, minmax_pairing=minmax_pairing, epochs=epochs,
+        method=method, arch=arch, activation=activation, minmax_pairing=minmax_pairing, depth=depth, width=width,
+        augment_shift=augment_shift, eval_every=eval_every, epochs=epochs,
         batch_size=batch_size, lr=lr, final_lr=final_lr, lr_schedule=lr_schedule, seed=seed, data=data,
         data_limit=limit, device=device, out_dir=str(out_dir), resume=resume,
         robust=None if smoothing else RobustSettings(

@@ -294,6 +294,8 @@ def epoch_line(r: EpochRecord) -> str:
     if r.noisy_acc is not None:
         return f"loss {r.loss:.4f} · noisy {100 * r.noisy_acc:.1f}% · clean {100 * r.clean_acc:.1f}%"
     return (f"loss {r.loss:.4f} · clean {100 * r.clean_acc:.1f}% · VRA {100 * r.vra:.1f}% (estimate) · "
+    if r.clean_acc is None:  # an epoch the --eval-every schedule does not evaluate
+        return f"loss {r.loss:.4f} · not evaluated (--eval-every)"
             f"ε {r.train_eps:.3g} · L≈{r.lipschitz_estimate:.3g}")
 
 

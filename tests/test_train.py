@@ -325,11 +325,16 @@ class _StopAfter:
             raise _Interrupt
 
 
-@pytest.mark.parametrize("loss", ["trades"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits_512_256, tmp_path, loss):
+# LiResNet with EMMA, random shifts and a held-out evaluation every 2nd epoch: the augmentation's draws and the
+# evaluation schedule (which converges the iterates the next steps start from) must resume bit for bit too.
+@pytest.mark.parametrize("loss,extra", [
+    ("trades", {}),
+    ("emma", {"arch": "liresnet", "depth": 2, "width": 4, "augment_shift": 1, "eval_every": 2}),
+])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits_512_256, tmp_path, loss, extra):
     x_train, y_train, x_val, y_val = digits_512_256
     x_train, y_train = x_train[:256], y_train[:256]
-    config = dict(loss=loss, lam=1.5, epochs=3, eps_schedule="linear_half", activation="minmax")
+    config = dict(loss=loss, lam=1.5, epochs=3, eps_schedule="linear_half", activation="minmax", **extra)
     whole = train(_small_config(out_dir=str(tmp_path / "whole"), **config), x_train, y_train, x_val, y_val)
     with pytest.raises(_Interrupt):
         train(_small_config(out_dir=str(tmp_path / "cut"), **config), x_train, y_train, x_val, y_val,

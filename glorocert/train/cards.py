@@ -18,6 +18,7 @@ import torch
 
 from glorocert._version import __version__
 from glorocert.train.config import Provenance, TrainConfig
+from glorocert.zoo import RESIDUAL_ARCHITECTURES
 
 _LOCAL_NAMES = {"bcp": "BCP", "kw": "KW"}
 _LOCAL_KINDS = {"bcp": "A BCP-trained net (Lee et al. 2020)", "kw": "A Wong–Kolter-trained net (2018)"}
@@ -26,10 +27,12 @@ _LOCAL_KINDS = {"bcp": "A BCP-trained net (Lee et al. 2020)", "kw": "A Wong–Ko
 def command_line(config: TrainConfig) -> str:
     """The ``glorocert train`` command that reproduces ``config`` (every setting spelled out)."""
     c, r, s = config, config.robust, config.smoothing
+    residual = c.arch in RESIDUAL_ARCHITECTURES
     net = [
-        ("--arch", c.arch), ("--activation", c.activation),
+        ("--arch", c.arch), ("--depth", c.depth if residual else None), ("--width", c.width if residual else None),
+        ("--activation", c.activation),
         ("--minmax-pairing", c.minmax_pairing if c.activation == "minmax" else None),
-        ("--data", c.data or None), ("--limit", c.data_limit),
+        ("--data", c.data or None), ("--limit", c.data_limit), ("--augment-shift", c.augment_shift or None),
     ]
     if s is not None:
         macer = c.method == "macer"
@@ -49,7 +52,8 @@ def command_line(config: TrainConfig) -> str:
         ]
         warmup, power = [("--warmup-epochs", r.warmup_epochs or None)], [("--power-iterations", r.power_iterations)]
     options = [*head, ("--epochs", c.epochs), *warmup, ("--batch-size", c.batch_size), ("--lr", c.lr),
-               ("--final-lr", c.final_lr), ("--lr-schedule", c.lr_schedule), *power, ("--seed", c.seed),
+               ("--final-lr", c.final_lr), ("--lr-schedule", c.lr_schedule), *power,
+               ("--eval-every", c.eval_every if c.eval_every != 1 else None), ("--seed", c.seed),
                ("--out", c.out_dir)]
     parts = ["glorocert", "train"]
     for flag, value in options:
@@ -79,7 +83,7 @@ def model_card(result, provenance: Provenance, n_val: int, name: str) -> str:
                + (f" --method {c.method}" if c.local else "")
                + (" --split test" if c.data in ('mnist-5k', 'fashion-mnist', 'digits') else ""))
     return _card(result, provenance, name, _Parts(
-        intro=[f"{kind} ({c.arch.upper()}, {_activation(c)}) trained by `glorocert train` to be certifiably",
+        intro=[f"{kind} ({_short_architecture(c)}, {_activation(c)}) trained by `glorocert train` to be certifiably",
                f"robust in l2 at ε = {r.eps} in [0, 1] pixel space."],
         results=_robust_results(result),
         note=["VRA = fraction of held-out samples that are predicted correctly *and* certified",
@@ -105,7 +109,7 @@ def smoothing_card(result, provenance: Provenance, n_val: int, name: str) -> str
                   f"γ = {s.macer_gamma}, λ = {s.macer_lam}, σ = {s.sigma}")
     return _card(result, provenance, name, _Parts(
         intro=[
-            f"A randomized-smoothing base model ({c.arch.upper()}, {_activation(c)}) trained by `glorocert train "
+            f"A randomized-smoothing base model ({_short_architecture(c)}, {_activation(c)}) trained by `glorocert train "
             f"--method {c.method}` at noise level σ = {s.sigma} (l2, [0, 1] pixel space).",
             "",
             "This is a **smoothing base model, not a GloRo net**: it certifies nothing by itself and has",
@@ -190,7 +194,9 @@ def _robust_training(c: TrainConfig, provenance: Provenance, spec: dict, n_val: 
     else:
         loss = {"ce": "plain cross-entropy (standard training, no robustness)",
                 "gloro": "GloRo cross-entropy (⊥ class)",
-                "trades": f"GloRo-TRADES, λ → {r.lam} ({r.lam_schedule})"}[r.loss]
+                "trades": f"GloRo-TRADES, λ → {r.lam} ({r.lam_schedule})",
+                "emma": "EMMA, ε adapted per class pair (Hu et al., NeurIPS 2023, \"Unlocking Deterministic "
+                        "Robustness Certification on ImageNet\")"}[r.loss]
     threads = torch.get_num_threads()
     return [
         *_data_and_architecture(c, provenance, spec, n_val),
@@ -199,7 +205,11 @@ def _robust_training(c: TrainConfig, provenance: Provenance, spec: dict, n_val: 
         + (f", {r.warmup_epochs} warm-up epochs of plain CE" if r.warmup_epochs else ""),
         _optimiser_line(c),
         f"- Power iteration: {r.power_iterations} step(s) per batch, persistent iterates, "
-        f"converged (rel. change < {r.converge_tol}) before every evaluation",
+        f"converged (rel. change < {r.converge_tol}) before every evaluation"
+        + (f" (every {c.eval_every} epochs and after the last)" if c.eval_every != 1 else ""),
+        *([f"- Augmentation: random shifts of up to {c.augment_shift} pixels (zeros shifted in), as the random "
+           "crops of the GloRo (Leino et al., ICML 2021) and LiResNet (Hu et al., NeurIPS 2023) scripts"]
+          if c.augment_shift else []),
         f"- Seed {c.seed}, deterministic mode {'on' if c.deterministic else 'off'} "
         f"(bit-for-bit reproducible on CPU with the same torch version and thread count; "
         f"this run: {threads} thread(s), e.g. `OMP_NUM_THREADS={threads}`)",
@@ -218,8 +228,20 @@ def _data_and_architecture(c: TrainConfig, provenance: Provenance, spec: dict, n
         "",
         "## Training",
         "",
-        f"- Architecture: {c.arch.upper()}, activation {_activation(c)}, orthogonal init",
+        f"- Architecture: {_architecture(c)}, activation {_activation(c)}, orthogonal init",
     ]
+
+
+def _short_architecture(c: TrainConfig) -> str:
+    return f"LiResNet, {c.depth} blocks × {c.width} channels" if c.arch in RESIDUAL_ARCHITECTURES else c.arch.upper()
+
+
+def _architecture(c: TrainConfig) -> str:
+    if c.arch not in RESIDUAL_ARCHITECTURES:
+        return c.arch.upper()
+    return (f"LiResNet (Hu et al., NeurIPS 2023, \"Unlocking Deterministic Robustness Certification on ImageNet\"): "
+            f"stem conv{c.width} k4 s2, {c.depth} residual blocks x + conv{c.width} k3 (x) each bounded as one "
+            f"operator I + W, neck conv{c.width} k4 s2 → FC {8 * c.width}, head FC")
 
 
 def _training_time_row(result) -> str:

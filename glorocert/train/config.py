@@ -106,6 +106,10 @@ class TrainConfig:
     arch: str = "2c2f"
     activation: str = "relu"
     minmax_pairing: str = "halves"
+    depth: int = 4                      # residual architectures (liresnet): residual blocks
+    width: int = 16                     # ... and their channels
+    augment_shift: int = 0              # random translations of up to this many pixels (0: none)
+    eval_every: int = 1                 # held-out evaluation (iterates converged) every N epochs and after the last
     epochs: int = 10
     batch_size: int = 256
     lr: float = 1e-3
@@ -141,6 +145,8 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0 and self.final_lr > 0, "lr and final_lr must be > 0"),
+            (self.augment_shift >= 0, f"augment_shift must be >= 0, got {self.augment_shift}"),
+            (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
             *([] if smoothing else self._robust_checks()),
         ])
 

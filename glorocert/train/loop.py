@@ -9,9 +9,13 @@ same loop drives. :func:`train` does what the paper's scripts do, on tensors:
   power-iteration iterate, estimate the margin matrix ``K`` differentiably and
   take the GloRo loss at the scheduled training ε and TRADES λ), Adam at the
   scheduled LR;
-* every epoch: the objective's held-out figures (GloRo: iterates run to
-  convergence, clean accuracy and VRA at the *test* ε), a row of ``log.csv``,
-  and a checkpoint that resumes bit for bit (:mod:`glorocert.train.state`);
+* every ``eval_every`` epochs and after the last: the objective's held-out
+  figures (GloRo: iterates run to convergence, warm-started from the training
+  iterates, clean accuracy and VRA at the *test* ε); on the other epochs none
+  (the convergence and the held-out pass are most of what a GloRo epoch costs
+  beyond a plain one);
+* every epoch: a row of ``log.csv`` and a checkpoint that resumes bit for bit
+  (:mod:`glorocert.train.state`);
 * at the end: the glorocert checkpoint, ONNX and TorchScript exports, the
   frozen sound bound and the model card (:mod:`glorocert.train.outputs`).
 
@@ -32,6 +36,7 @@ import torch
 
 from glorocert.errors import GlorocertError
 from glorocert.loaders.runners import resolve_device
+from glorocert.train import augment
 from glorocert.train.cards import command_line
 from glorocert.train.config import Provenance, TrainConfig
 from glorocert.train.datasets import load_training_data
@@ -40,7 +45,7 @@ from glorocert.train.outputs import write_outputs
 from glorocert.train.records import EpochRecord, TrainProgress, TrainResult, notify
 from glorocert.train.schedules import parse_schedule
 from glorocert.train.state import check_out_dir, end_epoch, open_run
-from glorocert.zoo import build, validate_spec
+from glorocert.zoo import RESIDUAL_ARCHITECTURES, build, validate_spec
 
 
 def run_training(config: TrainConfig, progress: TrainProgress | Any | None = None) -> TrainResult:
@@ -138,11 +143,14 @@ class _Run:
         epoch_start = time.perf_counter()
         model.train()
         permutation = _epoch_permutation(config.seed, epoch, self.x_train.shape[0])
+        shifts = augment.epoch_generator(config.seed, epoch) if config.augment_shift else None
         self.objective.start_epoch(epoch)
         loss_sum, seen, lr = 0.0, 0, 0.0
         for step in range(self.steps_per_epoch):
             index = permutation[step * config.batch_size:(step + 1) * config.batch_size]
             xb, yb = self.x_train[index].to(self.device), self.y_train[index].to(self.device)
+            if shifts is not None:
+                xb = augment.random_shift(xb, config.augment_shift, shifts)
             global_step = epoch * self.steps_per_epoch + step + 1
             lr = self.lr_schedule.lr(global_step / self.total_steps, config.lr, config.final_lr)
             for group in optimizer.param_groups:
@@ -150,7 +158,8 @@ class _Run:
             loss = self.objective.loss(model, xb, yb, global_step)
             loss_sum += _optimise(loss, optimizer, epoch, step, self.progress) * len(index)
             seen += len(index)
-        figures = self.objective.end_epoch(model, self.x_val, self.y_val)
+        evaluate = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+        figures = (self.objective.end_epoch if evaluate else self.objective.skip_evaluation)(model, self.x_val, self.y_val)
         return EpochRecord(epoch=epoch + 1, loss=loss_sum / max(seen, 1), lr=lr,
                            seconds=time.perf_counter() - epoch_start, **figures)
 
@@ -209,6 +218,7 @@ def _spec(config: TrainConfig, x_train, y_train, x_val, y_val) -> dict:
         "minmax_pairing": config.minmax_pairing,
         "input_shape": list(x_train.shape[1:]),
         "num_classes": num_classes,
+        **({"depth": config.depth, "width": config.width} if config.arch in RESIDUAL_ARCHITECTURES else {}),
     })
 
 

@@ -7,6 +7,7 @@ resume. An :class:`Objective` owns the rest:
   (1-based; the objective schedules its own ε and λ from it);
 * ``end_epoch(model, x_val, y_val)`` — the held-out figures of an epoch: the
   :class:`~glorocert.train.records.EpochRecord` fields beyond epoch, loss, LR, seconds;
+  ``skip_evaluation`` the same fields on an epoch the schedule does not evaluate (None for the figures);
 * ``finish(model, x_val, y_val)`` — the final figures: the
   :class:`~glorocert.train.records.TrainResult` fields beyond model, spec, config, history, seconds;
 * ``log_columns`` (``log.csv``), ``state_tensors`` / ``load_state_tensors``
@@ -58,6 +59,11 @@ class Objective:
     def finish(self, model: torch.nn.Module, x_val: torch.Tensor, y_val: torch.Tensor) -> dict[str, Any]:
         raise NotImplementedError
 
+    def skip_evaluation(self, model: torch.nn.Module, x_val: torch.Tensor, y_val: torch.Tensor) -> dict[str, Any]:
+        """The record's fields on an epoch without evaluation: the held-out figures None, nothing computed."""
+        return {"clean_acc": None, "vra": None, "bottom_rate": None, "train_eps": 0.0, "lam": 0.0,
+                "lipschitz_estimate": None}
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -101,7 +107,8 @@ class RobustObjective(Objective):
         robust = s.loss != "ce" and step > self.warmup_steps
         self.train_eps = self.eps_schedule.ramp(progress, s.train_eps) if robust else 0.0
         self.lam = self.lam_schedule.ramp(progress, s.lam) if robust and self.ramps_lam else 0.0
-        self.power.step(s.power_iterations)
+        if s.loss != "ce":  # plain CE never reads the iterates (they are converged from where they are to evaluate)
+            self.power.step(s.power_iterations)
         logits = model(x)
         if not robust:
             return losses.cross_entropy(logits, y)
@@ -124,6 +131,9 @@ class RobustObjective(Objective):
         return {**metrics, "train_eps": self.train_eps, "lam": self.lam,
                 "lipschitz_estimate": self.power.lipschitz_estimate()}
 
+    def skip_evaluation(self, model, x_val, y_val):
+        return {**super().skip_evaluation(model, x_val, y_val), "train_eps": self.train_eps, "lam": self.lam}
+
     def finish(self, model, x_val, y_val):
         margin = self._converged_margin()
         model.eval()
@@ -140,7 +150,7 @@ class RobustObjective(Objective):
 
 
 class GloroObjective(RobustObjective):
-    """GloRo cross-entropy or GloRo-TRADES (``loss="ce"``: plain cross-entropy throughout), with the
+    """GloRo cross-entropy, GloRo-TRADES or EMMA (``loss="ce"``: plain cross-entropy throughout), with the
     power-iteration estimate of the margin matrix K; VRA by the GloRo rule with the converged estimate."""
 
     def __init__(self, config, model, spec, steps_per_epoch):
@@ -151,6 +161,8 @@ class GloroObjective(RobustObjective):
         s = self.settings
         if s.loss == "gloro":
             return losses.gloro_cross_entropy(logits, y, self.power.margin_lipschitz(), self.train_eps)
+        if s.loss == "emma":
+            return losses.emma(logits, y, self.power.margin_lipschitz(), self.train_eps)
         return losses.gloro_trades(logits, y, self.power.margin_lipschitz(), self.train_eps, self.lam)
 
     def metrics(self, model, margin, x_val, y_val, final):

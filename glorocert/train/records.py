@@ -25,7 +25,7 @@ class EpochRecord:
 
     epoch: int
     loss: float
-    clean_acc: float
+    clean_acc: float | None              # None on an epoch the --eval-every schedule skips (and vra, bottom_rate)
     vra: float | None
     bottom_rate: float | None
     train_eps: float
