@@ -25,9 +25,6 @@ from rich.markup import escape
 from glorocert import api, files, render, results
 from glorocert.errors import GlorocertError, InputShapeNeeded, Terminated, caused_by_interrupt, interrupt_on_sigterm
 from glorocert.render import err, out
-from glorocert.studies import audit, compare_local, compare_rs, lower_bound
-from glorocert.train import (SMOOTHING_METHODS, TRAIN_FILES, RobustSettings, SmoothingSettings, TrainConfig, check_out_dir,
-                             parse_method, run_training)
 
 app = typer.Typer(
     help="Certify the l2 robustness of neural-network classifiers with a frozen global Lipschitz bound (GloRo), "
@@ -77,6 +74,14 @@ def _load(model: Path, input_shape: str | None, trust_pickle: bool, device: str,
     for message in loaded.notes:
         err.print(render.note(message))
     return loaded
+
+
+def _frozen(model: Path, bound_path: Path | None, data: "DataOptions", device: str, output: str | None,
+            input_shape: str | None) -> api.Model | None:
+    """The model as its bound file recorded it (certify/frozen.py: no IR, no torch), or None for the full load."""
+    options = data.parsed()
+    return api.frozen_model(model, bound_path, api.Normalization.of(options["mean"], options["std"]), device=device,
+                            output=output, input_shape=api.parse_shape(input_shape))
 
 
 _FLOAT_EXAMPLES = {  # what a wrong value is told, per option
@@ -181,6 +186,8 @@ def bound_command(
 
     Example: glorocert bound models/mnist-5k-eps0.3/model.onnx
     """
+    from glorocert.studies import lower_bound  # each command imports what it runs (certify: neither torch nor onnx)
+
     api.check_bound_settings(mode, tol, max_iter)  # before any work
     outputs = _outputs(model)
     target = outputs.add(out_path or api.default_path(model), "--out", (".json",))
@@ -233,7 +240,9 @@ def certify_command(
     outputs.add(out_path, "--out", results.ROW_FORMATS)
     outputs.add(summary_path, "--summary", (".json",))
     outputs.add(plot, "--plot", results.PLOT_FORMATS)
-    loaded = _load(model, input_shape, trust_pickle, device, output, data_options)
+    frozen = method == "gloro" and not verify_bound  # gloro needs only the bound: the fast path, when it vouches
+    loaded = (frozen and _frozen(model, bound_path, data_options, device, output, input_shape)) or _load(
+        model, input_shape, trust_pickle, device, output, data_options)
     dataset = data_options.open(loaded)
     if fail_under is not None and not dataset.has_labels:
         raise GlorocertError(f"--fail-under checks the VRA, which needs labels, and {dataset.name} has none (only the "
@@ -293,6 +302,8 @@ def compare_rs_command(
 
     Example: glorocert compare-rs models/mnist-5k-eps0.3/model.onnx --data mnist-5k --sigma 0.25 --n 10000 --skip 20 --out out/rs --plot out/rs.png
     """
+    from glorocert.studies import compare_rs
+
     parameters = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, skip=skip, seed=seed)
     batch_size = batch_size if batch is None else batch
     compare_rs.check_parameters(**{k: v for k, v in parameters.items() if k != "seed"}, batch=batch_size)
@@ -346,6 +357,8 @@ def compare_local_command(
 
     Example: glorocert compare-local model.onnx --data mnist-5k --limit 1000 --eps 0.3 --kw-limit 100 --json out/local.json
     """
+    from glorocert.studies import compare_local
+
     outputs = _outputs(model, api.default_path(model), bound_path, *data_options.inputs())
     outputs.add(json_path, "--json", (".json",))
     dataset = data_options.open(None)  # opened once here (printing its notes) before any method's process starts
@@ -396,6 +409,8 @@ def audit_command(
 
     Example: glorocert audit models/mnist-5k-eps0.3/model.onnx --data mnist-5k --limit 200 --out out/audit
     """
+    from glorocert.studies import audit
+
     audit.check_parameters(steps, restarts)
     outputs = _outputs(model, bound_path, api.default_path(model), *data_options.inputs())
     outputs.add_directory(out_dir, "--out", ("audit.json",))
@@ -510,6 +525,8 @@ def train(
     power_iterations: Annotated[int, typer.Option("--power-iterations", help="Power-iteration steps per batch; the iterates persist across steps.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation, shuffling and iterates (runs are deterministic on CPU).")] = 0,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Train on the first N training samples only (quick runs).")] = None,
+    augment_shift: Annotated[int, typer.Option("--augment-shift", help="Shift each training image by up to N pixels at random (0: no augmentation).")] = 0,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate on the held-out split (power iterates converged) every N epochs and after the last.")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last finished epoch (same result as an uninterrupted run).")] = False,
     device: Device = "cpu",
 ) -> None:
@@ -520,9 +537,10 @@ def train(
     Example: glorocert train --method bcp --data mnist-5k --eps 1.58 --epochs 60 --batch-size 50 --lr 3e-4 --out models/mnist-5k-bcp1.58
 
     Example: glorocert train --method macer --sigma 0.25 --data mnist-5k --epochs 50 --out models/mnist-5k-macer0.25
-    augment_shift: Annotated[int, typer.Option("--augment-shift", help="Shift each training image by up to N pixels at random (0: no augmentation).")] = 0,
-    eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate on the held-out split (power iterates converged) every N epochs and after the last.")] = 1,
     """
+    from glorocert.train import (SMOOTHING_METHODS, TRAIN_FILES, RobustSettings, SmoothingSettings, TrainConfig,
+                                 check_out_dir, parse_method, run_training)
+
     parse_method(method)
     smoothing = method in SMOOTHING_METHODS
     if eps is None and not smoothing:

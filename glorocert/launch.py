@@ -17,6 +17,12 @@ from glorocert.errors import Terminated, caused_by_interrupt, interrupt_on_sigte
 
 
 def main() -> None:
+    """The console script: :func:`run`, then leave the process without interpreter teardown (:func:`_leave`)."""
+    _leave(run())
+
+
+def run() -> int | str | None:
+    """The command line in this process, with signals handled from the first instant; its exit code."""
     interrupt_on_sigterm()
     try:
         cli = importlib.import_module("glorocert.cli")  # the heavy imports (torch, onnx) happen here
@@ -24,15 +30,14 @@ def main() -> None:
         if not caused_by_interrupt(e):
             raise
         sys.stderr.write(("terminated (SIGTERM)" if Terminated.received else "interrupted") + " during start-up; nothing was written\n")
-        sys.exit(Terminated.exit_code if Terminated.received else 130)
+        return Terminated.exit_code if Terminated.received else 130
     try:
         cli.main()
-        code = 0
+        return 0
     except SystemExit as e:
-        code = e.code
+        return e.code
     except KeyboardInterrupt:  # a signal in the instant between the command's own handler and here
-        code = Terminated.exit_code if Terminated.received else 130
-    _leave(code)
+        return Terminated.exit_code if Terminated.received else 130
 
 
 def _leave(code: int | str | None) -> None:

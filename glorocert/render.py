@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from glorocert.api import Bound
 from glorocert.results import eps_key
-from glorocert.train import EpochRecord, TrainProgress, TrainResult
+
+if TYPE_CHECKING:  # annotations only: rendering a certify run imports neither torch nor training
+    from glorocert.api import Bound
+    from glorocert.train import EpochRecord, TrainResult
 
 out = Console()
 err = Console(stderr=True)
@@ -249,8 +251,9 @@ def export_line(path: Path, num_classes: int, eps: float, bound_source: str, bou
 # --------------------------------------------------------------------------- train
 
 
-class TrainDisplay(TrainProgress):
-    """Progress bars for a training run on ``console`` (stderr by default); use it as a context manager."""
+class TrainDisplay:
+    """Progress bars for a training run on ``console`` (stderr by default); use it as a context manager.
+    It has the callbacks of glorocert.train.TrainProgress that it shows (training calls any it finds)."""
 
     def __init__(self, console: Console | None = None):
         self.progress = Progress(
@@ -291,11 +294,11 @@ class TrainDisplay(TrainProgress):
 
 def epoch_line(r: EpochRecord) -> str:
     """The figures of one epoch, as the progress display shows them."""
+    if r.clean_acc is None:  # an epoch the --eval-every schedule does not evaluate
+        return f"loss {r.loss:.4f} · not evaluated (--eval-every)"
     if r.noisy_acc is not None:
         return f"loss {r.loss:.4f} · noisy {100 * r.noisy_acc:.1f}% · clean {100 * r.clean_acc:.1f}%"
     return (f"loss {r.loss:.4f} · clean {100 * r.clean_acc:.1f}% · VRA {100 * r.vra:.1f}% (estimate) · "
-    if r.clean_acc is None:  # an epoch the --eval-every schedule does not evaluate
-        return f"loss {r.loss:.4f} · not evaluated (--eval-every)"
             f"ε {r.train_eps:.3g} · L≈{r.lipschitz_estimate:.3g}")
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import glorocert.loaders
+import glorocert.loaders.model
 from glorocert.api import Normalization, certify, compute_bound, load, open_dataset
 from glorocert.certify import bcp, gloro, local
 from glorocert.lipschitz.compose import compose
@@ -133,7 +133,7 @@ def test_local_methods_keep_the_same_rounding_budget_as_gloro(trained_digits_mod
     """A margin within rtol·(1 + max|y|) of zero is not certified by any method (here rtol is made huge)."""
     _, onnx_path, _ = trained_digits_model
     model = load(onnx_path)
-    monkeypatch.setattr(glorocert.loaders, "ROUNDING_RTOL", 10.0)  # Model.rounding_rtol reads it at call time
+    monkeypatch.setattr(glorocert.loaders.model, "ROUNDING_RTOL", 10.0)  # Model.rounding_rtol reads it at call time
     assert model.rounding_rtol == 10.0
     for method in ("gloro", "bcp", "cascade"):
         res = certify(model, "digits", [0.0, 0.05], method=method, batch_size=512)

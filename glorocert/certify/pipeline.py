@@ -2,7 +2,8 @@
 
 One loop serves every method (certify/methods.py): the native model runs once
 per batch, the GloRo radii come from the frozen margin matrix, and a local
-method, when asked for, refines them on the same batch. Input normalisation
+method, when asked for, refines them on the same batch (certify/local_stage.py,
+imported only then: the gloro path needs neither torch nor the IR). Input normalisation
 is the dataset's (applied to the pixels, folded into the bound), and every
 certificate keeps the model's rounding budget (``model.rounding_rtol``).
 
@@ -13,22 +14,27 @@ provably wrong, and the run stops before anything is written.
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from glorocert._version import __version__
 from glorocert.certify import gloro
-from glorocert.certify.methods import LocalStage, check_method, local_slack
+from glorocert.certify.methods import check_method
 from glorocert.data import Dataset, open_dataset
 from glorocert.errors import GlorocertError
 from glorocert.lipschitz.boundfile import Bound
 from glorocert.lipschitz.freeze import recompute_hint, resolve_bound
 from glorocert.loaders import Model
+
+if TYPE_CHECKING:
+    from glorocert.certify.local_stage import LocalStage
 from glorocert.results import certified_accuracy_curve, eps_key, plot_curves, summarize
 
 ROWS_SCHEMA_VERSION = "1"
@@ -109,59 +115,82 @@ def certify(
     eps = check_eps(eps)
     check_request(model, dataset, batch_size)
     bound, source = resolve_bound(model, bound, dataset.normalization)
-    local = None if method == "gloro" else LocalStage(fallback if method == "cascade" else method, model, bound,
-                                                      dataset.normalization, eps)
     started = time.perf_counter()
-    slopes = SlopeCheck(model, dataset, bound.margin_matrix, source, sound=bound.mode == "sound")
-    rows, forward_seconds = _certify_batches(model, dataset, slopes, method, local, batch_size, progress)
+    certifier = BatchCertifier(model, dataset, bound, source, eps, method=method, fallback=fallback, batch_size=batch_size)
+    parts = []
+    for batch in dataset.batches(batch_size):
+        parts.append(certifier(batch))
+        if progress:
+            progress(len(batch.index))
+    if not parts:
+        raise GlorocertError(f"{dataset.name}: no samples to certify")
+    rows = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     seconds = time.perf_counter() - started
-    _add_eps_columns(rows, eps, dataset.has_labels)
+    summary = certify_summary(rows, eps, method, fallback, model, dataset, bound, source)
+    summary.update(seconds=seconds, forward_seconds=certifier.forward_seconds,
+                   samples_per_second=len(rows["index"]) / seconds if seconds > 0 else None)
+    return CertifyResult(rows, summary, eps, bound)
+
+
+def certify_summary(rows: dict, eps: list[float], method: str, fallback: str, model: Model, dataset: Dataset,
+                    bound: Bound, source: str) -> dict:
+    """The summary of certify's rows (:func:`glorocert.results.summarize`, the local stage's report, where the
+    model, bound and data came from) — all of it but the timings, which the caller adds."""
     summary = summarize(rows, eps)
-    if local is not None:
-        summary.update(_local_report(local, rows, eps))
+    if method != "gloro":
+        summary.update(_local_report(fallback if method == "cascade" else method, rows, eps))
     summary.update(
         method=method, dataset=dataset.name, model=str(model.path), model_format=model.format,
         certified_output=model.output or None,
         runner=model.runner.description, device=model.runner.device, bound_file=source, bound_mode=bound.mode,
         bound_model_sha256=bound.model_sha256, lipschitz=bound.lipschitz, margin_method=bound.margin_method,
-        seconds=seconds, forward_seconds=forward_seconds,
-        samples_per_second=len(rows["index"]) / seconds if seconds > 0 else None,
         rows_schema_version=ROWS_SCHEMA_VERSION, versions=versions(),
     )
-    return CertifyResult(rows, summary, eps, bound)
+    return summary
 
 
-def _certify_batches(model, dataset, slopes, method, local, batch_size, progress):
-    """Every batch: forward pass, slope check, GloRo radii, then the local stage; the row columns and the forward seconds."""
-    columns = ("index", "label", "predicted", "runner_up", "margin", "radius", "seconds")
-    columns += {"gloro": (), "cascade": ("gloro_radius", "local_eps")}.get(method, ("local_eps",))
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in columns}
-    forward_seconds = 0.0
-    for batch in dataset.batches(batch_size):
+def _local_stage(*args) -> LocalStage:
+    from glorocert.certify.local_stage import LocalStage
+
+    return LocalStage(*args)
+
+
+class BatchCertifier:
+    """What certify does to one batch, set up once per process (the local stage's norms included): the native
+    forward pass, the slope check, the GloRo radii, then the local method if any; the batch's rows, every column.
+
+    :func:`certify` runs one over the dataset; a distributed run (glorocert/distributed.py) one per worker. Rows
+    depend only on their own sample, so any cut of the dataset into batches gives the same rows (``seconds``,
+    a local method's time per sample, aside); the slope check looks at other sample pairs, as it is seeded per
+    process.
+    """
+
+    def __init__(self, model: Model, dataset: Dataset, bound: Bound, source: str, eps: Sequence[float], *,
+                 method: str = "gloro", fallback: str = "bcp", batch_size: int = 256):
+        check_method(method, fallback)
+        self.model, self.dataset, self.method, self.batch_size = model, dataset, method, batch_size
+        self.eps = check_eps(eps)
+        self.local = None if method == "gloro" else _local_stage(fallback if method == "cascade" else method, model,
+                                                                 bound, dataset.normalization, self.eps)
+        self.slopes = SlopeCheck(model, dataset, bound.margin_matrix, source, sound=bound.mode == "sound")
+        self.forward_seconds = 0.0
+
+    def __call__(self, batch) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        logits = native_logits(model, dataset, batch, batch_size)
-        forward_seconds += time.perf_counter() - t0
-        slopes(batch, logits)
-        predicted, runner_up, margin, radius = gloro.radii(logits, slopes.margin_matrix, model.rounding_rtol)
-        seconds = np.zeros(len(radius))
-        if method == "cascade":
-            parts["gloro_radius"].append(radius)
-            radius, seconds, local_eps = local.cascade(batch.x, predicted, logits, radius)
-        elif local is not None:
-            radius, seconds, local_eps = local.radius(batch.x, predicted, logits)
-        if local is not None:
-            parts["local_eps"].append(local_eps)
+        logits = native_logits(self.model, self.dataset, batch, self.batch_size)
+        self.forward_seconds += time.perf_counter() - t0
+        self.slopes(batch, logits)
+        predicted, runner_up, margin, radius = gloro.radii(logits, self.slopes.margin_matrix, self.model.rounding_rtol)
         label = batch.y if batch.y is not None else np.full(len(batch.index), -1)
-        for name, value in zip(("index", "label", "predicted", "runner_up", "margin", "radius", "seconds"),
-                               (batch.index, label, predicted, runner_up, margin, radius, seconds)):
-            parts[name].append(value)
-        if progress:
-            progress(len(batch.index))
-    if not parts["index"]:
-        raise GlorocertError(f"{dataset.name}: no samples to certify")
-    rows = {k: np.concatenate(v) for k, v in parts.items()}
-    rows["label"] = rows["label"].astype(np.int64)
-    return rows, forward_seconds
+        rows = {"index": batch.index, "label": label.astype(np.int64), "predicted": predicted, "runner_up": runner_up,
+                "margin": margin, "radius": radius, "seconds": np.zeros(len(radius))}
+        if self.method == "cascade":
+            rows["gloro_radius"] = radius
+            rows["radius"], rows["seconds"], rows["local_eps"] = self.local.cascade(batch.x, predicted, logits, radius)
+        elif self.local is not None:
+            rows["radius"], rows["seconds"], rows["local_eps"] = self.local.radius(batch.x, predicted, logits)
+        _add_eps_columns(rows, self.eps, self.dataset.has_labels)
+        return rows
 
 
 @dataclass
@@ -272,12 +301,21 @@ def _add_eps_columns(rows: dict, eps: list[float], has_labels: bool) -> None:
         rows[f"certified@{eps_key(e)}"] = rows["correct"] & ~bottom
 
 
-def _local_report(local: LocalStage, rows: dict, eps: list[float]) -> dict:
-    report = {"local_method": local.name, "local_samples": local.samples, "local_seconds": local.seconds}
-    if "gloro_radius" in rows:  # cascade
+def _local_report(name: str, rows: dict, eps: list[float]) -> dict:
+    """What the local stage did, read from the rows (so that rows computed anywhere give the same report).
+
+    bcp/kw by bisection run on every sample; the cascade on the samples whose ``seconds`` are positive (it timed
+    them), one pass at ε for each sample ⊥ under gloro at ε and not certified by the local method at a larger ε
+    (the passes :meth:`LocalStage.at_eps` makes, largest ε first). ``local_seconds``: the rows' seconds, summed.
+    """
+    cascade = "gloro_radius" in rows
+    report = {"local_method": name, "local_samples": int((rows["seconds"] > 0).sum()) if cascade else len(rows["index"]),
+              "local_seconds": float(rows["seconds"].sum())}
+    if cascade:
         rescued = {eps_key(e): int((rows[f"certified@{eps_key(e)}"] & gloro.bottom_flags(rows["gloro_radius"], e)).sum())
                    for e in eps}
-        report.update(local_passes=local.passes, rescued=rescued)
+        passes = sum(int((gloro.bottom_flags(rows["gloro_radius"], e) & ~(rows["local_eps"] > e)).sum()) for e in eps)
+        report.update(local_passes=passes, rescued=rescued)
     else:
         report.update(local_passes=None)  # bisection: a variable number of passes per sample
     return report
@@ -292,7 +330,9 @@ def certify_locally_at(model: Model, data: Dataset | str, eps: Sequence[float], 
     eps = check_eps(eps)
     check_request(model, dataset, batch_size)
     bound, source = resolve_bound(model, bound, dataset.normalization)
-    stage = LocalStage(method, model, bound, dataset.normalization, eps)
+    from glorocert.certify.local_stage import local_slack
+
+    stage = _local_stage(method, model, bound, dataset.normalization, eps)
     slopes = SlopeCheck(model, dataset, bound.margin_matrix, source, sound=bound.mode == "sound")
     samples, correct_total, labelled = 0, 0, 0
     certified = {eps_key(e): 0 for e in eps}
@@ -312,11 +352,15 @@ def certify_locally_at(model: Model, data: Dataset | str, eps: Sequence[float], 
 
 
 def versions() -> dict:
-    import onnx
-    import onnxruntime
-    import torch
+    """The versions of what a result may depend on; read from the installed metadata, so nothing is imported."""
+    return {"glorocert": __version__, "python": platform.python_version(),
+            **{name: _installed(name) for name in ("torch", "onnx", "onnxruntime")}, "numpy": np.__version__}
 
-    return {
-        "glorocert": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
-    }
+
+def _installed(name: str) -> str | None:
+    for distribution in (name, f"{name}-gpu"):  # onnxruntime-gpu installs the onnxruntime module
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None

@@ -73,6 +73,13 @@ class Bound:
     seconds: float
     norm: str = "l2"
     output: str = ""  # the certified tensor when it is not the model's one declared output (a Softmax tail, --output)
+    # What loading the model checked, so that certify can run the file again without the IR (certify/frozen.py):
+    # the runner that ran the file itself, unrewritten, against the IR ("" when it ran a rewritten graph or a
+    # torch module), the gap it measured, and the IR's logits on the check inputs (loaders/model.py
+    # check_inputs), against which certify re-measures the gap with its own runner. Absent in older files.
+    checked_runner: str = ""
+    equivalence_gap: float | None = None
+    check_logits: list[list[float]] | None = None
     tool_version: str = __version__
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
@@ -182,6 +189,15 @@ def _malformation(bound: Bound) -> str | None:
     if not all(math.isfinite(v) and v > 0 for v in (float(bound.global_upper), float(bound.global_estimate))):
         return (f"the Lipschitz constant is not a finite positive number (upper {bound.global_upper}, estimate "
                 f"{bound.global_estimate}): a model with a zero bound maps every input to the same logits")
+    gap = bound.equivalence_gap
+    if gap is not None and not (isinstance(gap, numbers.Real) and math.isfinite(gap) and gap >= 0):
+        return f"equivalence_gap {gap!r} is not a finite non-negative number"
+    if not isinstance(bound.checked_runner, str):
+        return f"checked_runner {bound.checked_runner!r} is not a runner's description"
+    if bound.check_logits is not None:
+        logits = np.asarray(bound.check_logits, dtype=np.float64)
+        if logits.ndim != 2 or logits.shape[1] != up.shape[0] or not np.isfinite(logits).all():
+            return f"check_logits must be finite rows of one logit per class, not an array of shape {logits.shape}"
     if not (isinstance(bound.max_iter, numbers.Integral) and bound.max_iter >= 1 and math.isfinite(bound.tol) and bound.tol > 0):
         return f"power-iteration settings tol={bound.tol}, max_iter={bound.max_iter} are not a positive tolerance and step count"
     return None

@@ -18,16 +18,17 @@ import numbers
 import shlex
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from glorocert.errors import GlorocertError
 from glorocert.lipschitz.boundfile import Bound, default_path, refusal
-from glorocert.lipschitz.compose import BlockBound, Composition, blocks_of, compose
-from glorocert.lipschitz.operators import EXACT_MAX_SIDE
 from glorocert.loaders import Model
 from glorocert.normalization import Normalization, fold
+
+if TYPE_CHECKING:
+    from glorocert.lipschitz.compose import Composition
 
 MODES = ("sound", "estimate")
 BLOCK_FIELDS = ("name", "op", "in_shape", "out_shape", "estimate", "upper", "method", "iterations", "converged")
@@ -44,7 +45,7 @@ def compute_bound(
     mode: str = "sound",
     tol: float = 1e-4,
     max_iter: int = 5000,
-    exact_side: int = EXACT_MAX_SIDE,
+    exact_side: int | None = None,
     normalization: Normalization | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Bound:
@@ -53,9 +54,14 @@ def compute_bound(
     ``sound`` uses guaranteed upper bounds (lipschitz/operators.py says why
     each is one); ``estimate`` uses power iteration only, which approaches
     the spectral norms from below and is labelled as an estimate. Input
-    normalisation applied outside the model is folded in as a first layer.
+    normalisation applied outside the model is folded in as a first layer. ``exact_side``: default
+    operators.EXACT_MAX_SIDE.
     """
+    from glorocert.lipschitz.compose import compose  # torch: imported by the commands that compute, not by certify
+    from glorocert.lipschitz.operators import EXACT_MAX_SIDE
+
     check_bound_settings(mode, tol, max_iter)
+    exact_side = EXACT_MAX_SIDE if exact_side is None else exact_side
     result = compose(fold(model.graph, normalization), tol=tol, max_iter=max_iter, exact_side=exact_side, progress=progress)
     _refuse_degenerate(model, result.global_upper, result.global_estimate)
     return Bound(
@@ -75,6 +81,9 @@ def compute_bound(
         max_iter=max_iter,
         seconds=result.seconds,
         output=model.output,
+        checked_runner=model.runner.description if model.runs_file else "",
+        equivalence_gap=model.equivalence_gap,
+        check_logits=model.check_logits.tolist() if model.runs_file and model.check_logits is not None else None,
     )
 
 
@@ -168,6 +177,9 @@ def verify_bound(model: Model, bound: Bound, normalization: Normalization | None
     iteration runs one step (estimates enter no sound certificate). Estimate mode: the estimates, recomputed with
     the file's tolerance and step cap, compared up to that tolerance. Costs about one `glorocert bound`.
     """
+    from glorocert.lipschitz.compose import compose
+    from glorocert.lipschitz.operators import EXACT_MAX_SIDE
+
     graph = fold(model.graph, normalization)
     sound = bound.mode == "sound"
     fresh = compose(graph, tol=bound.tol, max_iter=1 if sound else min(bound.max_iter, VERIFY_MAX_ITER),
@@ -181,6 +193,9 @@ def verify_bound(model: Model, bound: Bound, normalization: Normalization | None
 def _exact_side_for(graph, bound: Bound) -> int:
     """An exact-norm threshold that recomputes exactly every block the file says it bounded exactly (capped)."""
     claimed = {b["name"] for b in bound.blocks if b.get("method") == "exact"}
+    from glorocert.lipschitz.compose import blocks_of
+    from glorocert.lipschitz.operators import EXACT_MAX_SIDE
+
     sides = [min(math.prod(b.in_shape), math.prod(b.out_shape)) for b in blocks_of(graph) if b.linear and b.name in claimed]
     return min(max([EXACT_MAX_SIDE, *sides]), VERIFY_MAX_EXACT_SIDE)
 
@@ -214,6 +229,8 @@ def composition_from_bound(bound: Bound, graph, normalization: Normalization | N
     block must be named with the same shapes, and, since block names and shapes cannot tell one input
     normalisation from another, the bound's own record of it must match.
     """
+    from glorocert.lipschitz.compose import BlockBound, Composition, blocks_of
+
     if bound.mode != "sound" or not bound.same_normalization(normalization):
         return None
     blocks = [

@@ -1,16 +1,27 @@
-"""Native runners: the original model, run fast on batches (torch or onnxruntime)."""
+"""Native runners: the original model, run fast on batches (torch or onnxruntime).
+
+torch is imported where it is used: an ONNX model on the CPU runs with onnxruntime and numpy alone.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from glorocert.errors import GlorocertError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(device: str) -> tuple[str, str | None]:
     """``(device, note)``: falls back to the CPU with a note when CUDA is asked for but absent."""
-    if device in ("cpu", "auto"):
+    if device == "cpu":
+        return "cpu", None
+    import torch
+
+    if device == "auto":
         return ("cuda" if device == "auto" and torch.cuda.is_available() else "cpu"), None
     if device.startswith("cuda"):
         if torch.cuda.is_available():
@@ -20,18 +31,25 @@ def resolve_device(device: str) -> tuple[str, str | None]:
 
 
 def in_chunks(run, x, static_batch: int | None):
-    """Run a model whose batch size is fixed at ``static_batch`` on any batch: chunk, pad the last chunk."""
+    """Run a model whose batch size is fixed at ``static_batch`` on any batch (numpy or torch): chunk, pad the last."""
     if not static_batch or len(x) == static_batch:
         return run(x)
     outputs = []
     for start in range(0, len(x), static_batch):
         chunk = x[start : start + static_batch]
-        missing = static_batch - len(chunk)
-        if missing:
-            pad = chunk[:1].repeat(missing, *[1] * (chunk.dim() - 1)) if isinstance(chunk, torch.Tensor) else np.repeat(chunk[:1], missing, 0)
-            chunk = torch.cat([chunk, pad]) if isinstance(chunk, torch.Tensor) else np.concatenate([chunk, pad])
-        outputs.append(run(chunk)[: static_batch - missing])
-    return torch.cat(outputs) if isinstance(outputs[0], torch.Tensor) else np.concatenate(outputs)
+        kept = len(chunk)
+        if kept < static_batch:
+            chunk = _concat([chunk, chunk[[0] * (static_batch - kept)]])  # padded with copies of its first sample
+        outputs.append(run(chunk)[:kept])
+    return _concat(outputs)
+
+
+def _concat(parts):
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    import torch
+
+    return torch.cat(parts)
 
 
 class TorchRunner:
@@ -40,6 +58,9 @@ class TorchRunner:
     kind = "torch"
 
     def __init__(self, module: torch.nn.Module, device: str = "cpu", static_batch: int | None = None):
+        import torch
+
+        self._torch = torch
         self.device = device
         self.static_batch = static_batch
         try:
@@ -52,15 +73,15 @@ class TorchRunner:
 
     @property
     def description(self) -> str:
-        return f"torch {torch.__version__} on {self.device}"
+        return f"torch {self._torch.__version__} on {self.device}"
 
     def torch(self, x: torch.Tensor) -> torch.Tensor:
         # no_grad, not inference_mode: TorchScript modules that were exported once reject inference tensors
-        with torch.no_grad():
-            return in_chunks(self.module, x.to(self.device, torch.float32), self.static_batch)
+        with self._torch.no_grad():
+            return in_chunks(self.module, x.to(self.device, self._torch.float32), self.static_batch)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.torch(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float().cpu().numpy()
+        return self.torch(self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float().cpu().numpy()
 
 
 class OrtRunner:
@@ -68,7 +89,8 @@ class OrtRunner:
 
     kind = "onnxruntime"
 
-    def __init__(self, model_bytes: bytes, device: str = "cpu"):
+    def __init__(self, model: bytes | str, device: str = "cpu"):
+        """``model``: the serialized ModelProto, or the file's path (onnxruntime then reads its external data too)."""
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -81,7 +103,7 @@ class OrtRunner:
                 self.note = "onnxruntime has no CUDA provider here (pip install 'glorocert[gpu]'); running on the CPU"
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(model_bytes, options, providers=providers)
+        self.session = ort.InferenceSession(model, options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         batch = self.session.get_inputs()[0].shape[0]
         self.static_batch = batch if isinstance(batch, int) and batch > 0 else None
@@ -98,4 +120,6 @@ class OrtRunner:
         return in_chunks(run, np.asarray(x), self.static_batch)
 
     def torch(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.from_numpy(self(x.detach().cpu().numpy())).to(x.device)
