@@ -417,6 +417,43 @@ def bench_train_steps(rounds: int = 20, kw_rounds: int = 3, batch: int = 50) -> 
         t = statistics.median(times[method])
         table.add_row(method, f"{t:.4f}", f"{t / base:.2f}×")
     console.print(table)
+    _bench_gloro_steps(data)
+
+
+def _bench_gloro_steps(data, rounds: int = 10, batch: int = 256) -> None:
+    """The trainer's step (power-iteration step unless CE, loss, backward, Adam) at the training batch size, GloRo
+    losses vs plain CE on the same batch, interleaved step by step (robust to other load on the machine)."""
+    from glorocert.train import losses
+    from glorocert.train.power import PowerIteration
+
+    x, y = data.x_train[:batch], data.y_train[:batch]
+    nets = [("2C2F ReLU", dict(arch="2c2f", activation="relu")), ("2C2F MinMax", dict(arch="2c2f", activation="minmax")),
+            ("LiResNet 4×16 MinMax", dict(arch="liresnet", depth=4, width=16, activation="minmax"))]
+    table = Table(title=f"GloRo training step vs plain CE, mnist-5k, batch {batch} (median of {rounds}; interleaved)")
+    for col in ("architecture", "CE s/step", "GloRo-TRADES", "× CE", "EMMA", "× CE"):
+        table.add_column(col)
+    for name, net in nets:
+        torch.manual_seed(0)
+        model = build({**net, "input_shape": [1, 28, 28], "num_classes": 10})
+        power = PowerIteration(model, (1, 28, 28))
+        power.converge()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        loss_of = {"ce": lambda: losses.cross_entropy(model(x), y),
+                   "trades": lambda: losses.gloro_trades(model(x), y, power.margin_lipschitz(), 0.45, 2.0),
+                   "emma": lambda: losses.emma(model(x), y, power.margin_lipschitz(), 0.45)}
+        times = {m: [] for m in loss_of}
+        for _ in range(rounds):
+            for method, loss in loss_of.items():
+                t0 = time.perf_counter()
+                if method != "ce":
+                    power.step(1)
+                optimizer.zero_grad()
+                loss().backward()
+                optimizer.step()
+                times[method].append(time.perf_counter() - t0)
+        ce, trades, emma = (statistics.median(times[m]) for m in ("ce", "trades", "emma"))
+        table.add_row(name, f"{ce:.4f}", f"{trades:.4f}", f"{trades / ce:.3f}×", f"{emma:.4f}", f"{emma / ce:.3f}×")
+    console.print(table)
 
 SECTIONS = {"bounds": bench_bounds, "brackets": bench_bound_brackets, "certify": bench_certify, "process": bench_process, "local": bench_local,
             "smoothing": bench_smoothing, "train": bench_train, "train-steps": bench_train_steps}
