@@ -79,10 +79,11 @@ def test_random_architectures_certified_samples_survive_attacks(tmp_path_factory
 
 def test_out_of_memory_becomes_advice(monkeypatch, tmp_path):
     loaded = load(save_onnx(build(["relu"], 0), tmp_path / "m.onnx", SHAPE))
+    bound = compute_bound(loaded)
 
     def exhausted(x):
         raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer")
 
     monkeypatch.setattr(loaded, "runner", exhausted)
     with pytest.raises(GlorocertError, match="--batch-size"):
-        certify(loaded, from_arrays(np.zeros((2, *SHAPE), np.float32), name="tiny"), [0.1], bound=compute_bound(loaded), batch_size=512)
+        certify(loaded, from_arrays(np.zeros((2, *SHAPE), np.float32), name="tiny"), [0.1], bound=bound, batch_size=512)

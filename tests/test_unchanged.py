@@ -96,6 +96,9 @@ SUMMARY_TIMING_KEYS = {
     "samples_per_second",  # derived from the two above
     "local_seconds",       # wall-clock time of the local certifier (bcp, kw, cascade)
     "versions",            # versions of python, torch, onnx, … installed here: the environment, not the behaviour
+    # the certified-accuracy curve, sampled at radii on a grid: a sample whose radius lies within the float32
+    # noise between CPUs (FORWARD_TOL) of a grid radius moves one step; the radii themselves are compared
+    "certified_accuracy",
 }
 # (A `bound_file` under the temporary directory is compared with that directory written as {tmp}.)
 
@@ -109,6 +112,7 @@ BOUND_VOLATILE_KEYS = {
     # onnxruntime version that ran the file), for certify's fast path; tests/test_frozen.py checks them
     "equivalence_gap",
     "checked_runner",
+    "check_logits",
 }
 BOUND_BLOCK_VOLATILE_KEYS = {"seconds"}  # per-block timing, should blocks ever record one
 
