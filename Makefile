@@ -9,7 +9,7 @@ STAMP := .install.stamp
 # later requirement can pull a multi-GB CUDA build; then the package itself.
 $(STAMP): pyproject.toml
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,ray]"
 	@if command -v apt-get >/dev/null && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 		|| echo "note: could not install dataset-fashion-mnist; --data fashion-mnist will say how"; fi

@@ -4,7 +4,7 @@ These machines are shared and noisy, so every figure that matters is a ratio
 of two things measured in the same run, interleaved: bound ÷ exact spectral
 norm, certify ÷ plain forward pass, smoothing ÷ GloRo. Nothing here asserts.
 
-    python benchmarks/run.py [bounds] [brackets] [certify] [process] [local] [smoothing] [train] [train-steps]
+    python benchmarks/run.py [bounds] [brackets] [certify] [process] [local] [smoothing] [train] [train-steps] [ray]
 """
 
 from __future__ import annotations
@@ -455,8 +455,10 @@ def _bench_gloro_steps(data, rounds: int = 10, batch: int = 256) -> None:
         table.add_row(name, f"{ce:.4f}", f"{trades:.4f}", f"{trades / ce:.3f}×", f"{emma:.4f}", f"{emma / ce:.3f}×")
     console.print(table)
 
+from ray_bench import bench_ray  # noqa: E402  (benchmarks/ray_bench.py: --ray against in process)
+
 SECTIONS = {"bounds": bench_bounds, "brackets": bench_bound_brackets, "certify": bench_certify, "process": bench_process, "local": bench_local,
-            "smoothing": bench_smoothing, "train": bench_train, "train-steps": bench_train_steps}
+            "smoothing": bench_smoothing, "train": bench_train, "train-steps": bench_train_steps, "ray": bench_ray}
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_rss"]:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
+    "certify.cluster": ["CertifyWork", "ModelRecipe", "certify_on_ray"],
     "certify.frozen": ["frozen_model"],
     "certify.gloro_onnx": ["export_gloro_onnx"],
     "certify.methods": ["LOCAL_METHODS", "METHODS"],
-    "certify.pipeline": ["ROWS_SCHEMA_VERSION", "CertifyResult", "certify", "certify_locally_at", "versions"],
+    "certify.pipeline": ["ROWS_SCHEMA_VERSION", "BatchCertifier", "BatchLocalAtEps", "CertifyResult", "certify",
+                         "certify_locally_at", "certify_summary", "local_at_eps_summary", "versions"],
     "data": ["BUILTINS", "Dataset", "export_shards", "from_arrays", "open_dataset", "SHARD_MANIFEST"],
     "lipschitz.boundfile": ["Bound", "default_path"],
     "lipschitz.freeze": ["check_bound_settings", "compute_bound", "resolve_bound", "verify_bound"],

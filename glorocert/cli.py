@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 import sys
 import typing
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from glorocert import api, files, render, results
+from glorocert import api, distributed, files, render, results
 from glorocert.errors import GlorocertError, InputShapeNeeded, Terminated, caused_by_interrupt, interrupt_on_sigterm
 from glorocert.render import err, out
 
@@ -138,32 +139,81 @@ class DataOptions:
         return dataset
 
 
-def reads_data(**defaults):
-    """Give a command the data options: its ``data_options: DataOptions`` parameter becomes DataOptions' fields.
+def _option_group(group: type, parameter: str, **defaults):
+    """Give a command a group of options: its ``parameter`` (a ``group`` dataclass) becomes the group's fields.
 
     Typer builds a command's options from its signature, so the signature shown to typer lists each field (an
-    Annotated option; ``defaults`` overrides a field's default for this command) in place of ``data_options``,
-    and the call packs the parsed values back into one DataOptions (the way click shares a group of options).
+    Annotated option; ``defaults`` overrides a field's default for this command) in place of ``parameter``,
+    and the call packs the parsed values back into one ``group`` (the way click shares a group of options).
     """
-    hints = typing.get_type_hints(DataOptions, include_extras=True)
+    hints = typing.get_type_hints(group, include_extras=True)
     fields = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[f.name],
-                                default=defaults.get(f.name, f.default)) for f in dataclasses.fields(DataOptions)]
+                                default=defaults.get(f.name, f.default)) for f in dataclasses.fields(group)]
 
     def decorate(command):
         signature = inspect.signature(command, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name != "data_options"]
-        at = list(signature.parameters).index("data_options")
+        own = [p for p in signature.parameters.values() if p.name != parameter]
+        at = list(signature.parameters).index(parameter)
 
         @functools.wraps(command)
-        def with_data_options(**options):
-            data_options = DataOptions(**{f.name: options.pop(f.name) for f in fields})
-            return command(data_options=data_options, **options)
+        def with_group(**options):
+            return command(**{parameter: group(**{f.name: options.pop(f.name) for f in fields})}, **options)
 
-        with_data_options.__signature__ = signature.replace(parameters=own[:at] + fields + own[at:])
-        with_data_options.__annotations__ = {p.name: p.annotation for p in with_data_options.__signature__.parameters.values()}
-        return with_data_options
+        with_group.__signature__ = signature.replace(parameters=own[:at] + fields + own[at:])
+        with_group.__annotations__ = {p.name: p.annotation for p in with_group.__signature__.parameters.values()}
+        return with_group
 
     return decorate
+
+
+def reads_data(**defaults):
+    """Give a command the data options (:class:`DataOptions`) as its ``data_options`` parameter."""
+    return _option_group(DataOptions, "data_options", **defaults)
+
+
+@dataclasses.dataclass(frozen=True)
+class RayOptions:
+    """Where a command runs: in process (the default), or with --ray on a Ray cluster (glorocert/distributed.py)."""
+
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Run on a Ray cluster: --ray alone (or auto) joins RAY_ADDRESS, else starts a local one; --ray ray://HOST:PORT or HOST:PORT joins that cluster. Rows go to --out DIR as Parquet parts as they finish (pip install 'glorocert[ray]').", show_default=False)] = None
+    ray_workers: Annotated[Optional[int], typer.Option("--ray-workers", help="With --ray: actors in the pool (default: one per CPU of the cluster).")] = None
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out without redoing finished samples (with --ray: the parts whose rows are complete); refused if it was made with another model, bound, data or settings.")] = False
+
+    def check(self, out_dir: Path | None, *, resumes_in_process: bool = False) -> None:
+        """Refuse, before any work, options that do not go together (and --ray without Ray installed)."""
+        if self.ray is None:
+            if self.ray_workers is not None:
+                raise GlorocertError("--ray-workers sets the size of the --ray actor pool; add --ray")
+            if self.resume and not resumes_in_process:
+                raise GlorocertError("--resume continues an interrupted --ray run; add --ray and give its --out DIR")
+            return
+        distributed.require()
+        if out_dir is None:
+            raise GlorocertError("--ray writes the rows into --out DIR as they finish (Parquet parts, resumable); give --out DIR")
+        if out_dir.suffix.lower() in results.ROW_FORMATS or (out_dir.exists() and not out_dir.is_dir()):
+            raise GlorocertError(f"--out {out_dir}: with --ray, --out names a directory (rows/part-NNNNN.parquet, "
+                                 f"{distributed.RUN_MANIFEST}, the summary)")
+        if self.ray_workers is not None and self.ray_workers < 1:
+            raise GlorocertError(f"--ray-workers {self.ray_workers}: expected at least 1")
+
+    def kept(self, out_dir: Path) -> str:
+        return f"the finished row parts in {out_dir / distributed.ROWS_DIR}: rerun with --resume to continue"
+
+    def run(self) -> dict:
+        """The keyword arguments of the library's ``*_on_ray`` functions."""
+        return dict(address=self.ray, workers=self.ray_workers, resume=self.resume)
+
+
+def runs_on_ray(command):
+    """Give a command the Ray options (:class:`RayOptions`) as its ``ray_options`` parameter."""
+    return _option_group(RayOptions, "ray_options")(command)
+
+
+def _recipe(model: Path, input_shape: str | None, trust_pickle: bool, device: str, output: str | None,
+            dataset: api.Dataset, fast_bound: Path | None = None) -> api.ModelRecipe:
+    """How each Ray worker loads ``model``, as this process did: the fast path from ``fast_bound`` when it was taken."""
+    return api.ModelRecipe(str(model), api.parse_shape(input_shape), tuple(dataset.shape), output, trust_pickle, device,
+                           None if fast_bound is None else str(fast_bound), dataset.normalization)
 
 
 @app.command("bound")
@@ -211,12 +261,13 @@ def bound_command(
 
 @app.command("certify")
 @reads_data()
+@runs_on_ray
 def certify_command(
     model: ModelArg,
     data_options: DataOptions,
     eps: EpsList = "0.3",
-    out_path: Annotated[Optional[Path], typer.Option("--out", help="Per-sample rows: .csv, .jsonl or .parquet.")] = None,
-    summary_path: Annotated[Optional[Path], typer.Option("--summary", help="Summary JSON.")] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="Per-sample rows: .csv, .jsonl or .parquet; with --ray, a directory.")] = None,
+    summary_path: Annotated[Optional[Path], typer.Option("--summary", help="Summary JSON (with --ray, default: OUT/summary.json).")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Certified accuracy vs radius: .png, .svg or .pdf.")] = None,
     bound_path: BoundOpt = None,
     verify_bound: VerifyBoundOpt = False,
@@ -228,6 +279,7 @@ def certify_command(
     input_shape: InputShape = None,
     output: OutputOpt = None,
     trust_pickle: TrustPickle = False,
+    ray_options: RayOptions = RayOptions(),
 ) -> None:
     """Certify a whole dataset in one forward pass per batch: prediction, ⊥ flag and certified l2 radius per sample.
 
@@ -236,10 +288,7 @@ def certify_command(
     eps_values = _floats(eps, "--eps")
     if fail_under is not None and not 0 <= fail_under <= 1:
         raise GlorocertError(f"--fail-under {fail_under}: expected a fraction in [0, 1], e.g. 0.9 (VRA at least 90 %)")
-    outputs = _outputs(model, api.default_path(model), bound_path, *data_options.inputs())
-    outputs.add(out_path, "--out", results.ROW_FORMATS)
-    outputs.add(summary_path, "--summary", (".json",))
-    outputs.add(plot, "--plot", results.PLOT_FORMATS)
+    outputs, summary_path = _certify_outputs(model, bound_path, data_options, ray_options, out_path, summary_path, plot)
     frozen = method == "gloro" and not verify_bound  # gloro needs only the bound: the fast path, when it vouches
     loaded = (frozen and _frozen(model, bound_path, data_options, device, output, input_shape)) or _load(
         model, input_shape, trust_pickle, device, output, data_options)
@@ -250,12 +299,12 @@ def certify_command(
     if verify_bound:
         with err.status("recomputing the bound from the model (--verify-bound)…"):
             api.resolve_bound(loaded, bound_path, dataset.normalization, verify=True)
-    with render.progress_bar() as progress:
-        task = progress.add_task("certifying", total=dataset.num_samples)
-        result = api.certify(loaded, dataset, eps_values, bound=bound_path, batch_size=batch_size, method=method,
-                             fallback=fallback, progress=lambda n: progress.advance(task, n))
+    fast_bound = (bound_path or api.default_path(model)) if loaded.graph is None else None  # the fast path, for --ray
+    result = _certify(loaded, dataset, eps_values, dict(bound=bound_path, batch_size=batch_size, method=method,
+                      fallback=fallback), ray_options, outputs, out_path,
+                      lambda: _recipe(model, input_shape, trust_pickle, device, output, dataset, fast_bound))
     with outputs.publishing():  # all or nothing
-        if out_path:
+        if out_path and ray_options.ray is None:
             results.write_rows(out_path, result.rows, api.ROWS_SCHEMA_VERSION)
         if summary_path:
             files.write_json(summary_path, result.summary)
@@ -273,8 +322,35 @@ def certify_command(
             raise typer.Exit(1)
 
 
+def _certify_outputs(model: Path, bound_path: Path | None, data_options: DataOptions, ray_options: RayOptions,
+                     out_path: Path | None, summary_path: Path | None, plot: Path | None) -> tuple[files.Outputs, Path | None]:
+    """certify's outputs, checked before any work, and its summary's path (with --ray, by default OUT/summary.json;
+    the row parts are written as they finish, not staged)."""
+    ray_options.check(out_path)
+    outputs = _outputs(model, api.default_path(model), bound_path, *data_options.inputs())
+    if ray_options.ray is None:
+        outputs.add(out_path, "--out", results.ROW_FORMATS)
+    summary_path = summary_path or (out_path / "summary.json" if ray_options.ray else None)
+    outputs.add(summary_path, "--summary", (".json",))
+    outputs.add(plot, "--plot", results.PLOT_FORMATS)
+    return outputs, summary_path
+
+
+def _certify(loaded: api.Model, dataset: api.Dataset, eps: tuple[float, ...], options: dict, ray_options: RayOptions,
+             outputs: files.Outputs, out_dir: Path | None, recipe) -> api.CertifyResult:
+    """certify in process, or with --ray on the cluster (the rows then in --out DIR as they finish), with a progress bar."""
+    with render.progress_bar() as progress:
+        task = progress.add_task("certifying", total=dataset.num_samples)
+        advance = lambda n: progress.advance(task, n)  # noqa: E731
+        if ray_options.ray is None:
+            return api.certify(loaded, dataset, eps, **options, progress=advance)
+        outputs.kept.append(ray_options.kept(out_dir))
+        return api.certify_on_ray(loaded, recipe(), dataset, eps, out_dir, **options, **ray_options.run(), progress=advance)
+
+
 @app.command("compare-rs")
 @reads_data()
+@runs_on_ray
 def compare_rs_command(
     gloro_model: ModelArg,
     data_options: DataOptions,
@@ -287,14 +363,14 @@ def compare_rs_command(
     batch: Annotated[Optional[int], typer.Option("--batch", hidden=True, help="Old spelling of --batch-size.")] = None,
     skip: Annotated[int, typer.Option("--skip", help="Keep every k-th of the --limit samples (Cohen used 20 on the test set).")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Noise seed (per sample: seed and index).")] = 0,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory for rows (both methods), summary.json and the appended smoothing log.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out without redoing finished samples.")] = False,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory for rows (both methods), summary.json and the appended smoothing log (with --ray: the row parts).")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Both certified-accuracy curves on one figure.")] = None,
     verify_bound: VerifyBoundOpt = False,
     input_shape: InputShape = None,
     output: OutputOpt = None,
     device: Device = "cpu",
     trust_pickle: TrustPickle = False,
+    ray_options: RayOptions = RayOptions(),
 ) -> None:
     """GloRo certify and randomized smoothing (Cohen et al.) on the same samples, side by side.
 
@@ -307,33 +383,60 @@ def compare_rs_command(
     parameters = dict(sigma=sigma, n0=n0, n=n, alpha=alpha, skip=skip, seed=seed)
     batch_size = batch_size if batch is None else batch
     compare_rs.check_parameters(**{k: v for k, v in parameters.items() if k != "seed"}, batch=batch_size)
-    compare_rs.check_out(out_dir, resume)
-    outputs = _outputs(gloro_model, base, api.default_path(gloro_model), *data_options.inputs())
-    outputs.add_directory(out_dir, "--out", compare_rs.RESULT_FILES)
-    outputs.add(plot, "--plot", results.PLOT_FORMATS)
+    outputs = _compare_rs_outputs(compare_rs, (gloro_model, base), data_options, out_dir, plot, ray_options)
+    in_process = ray_options.ray is None
     gloro_loaded = _load(gloro_model, input_shape, trust_pickle, device, output, data_options)
     base_loaded = _load(base, input_shape, trust_pickle, device, output, data_options) if base else gloro_loaded
     dataset = data_options.open(gloro_loaded)
-    # the manifest is resume state: written now, not staged with the results
-    compare_rs.start_run(out_dir, resume, compare_rs.run_manifest(gloro_loaded, base_loaded, dataset, **parameters))
+    if in_process:  # the manifest is resume state: written now, not staged with the results
+        compare_rs.start_run(out_dir, ray_options.resume, compare_rs.run_manifest(gloro_loaded, base_loaded, dataset, **parameters))
     if verify_bound:
         with err.status("recomputing the bound from the model (--verify-bound)…"):
             api.resolve_bound(gloro_loaded, None, dataset.normalization, verify=True)
     if out_dir is not None:
-        outputs.kept.append(f"the finished smoothing rows in {out_dir / compare_rs.SMOOTHING_ROWS}: rerun with --resume to continue")
+        outputs.kept.append(ray_options.kept(out_dir) if not in_process else
+                            f"the finished smoothing rows in {out_dir / compare_rs.SMOOTHING_ROWS}: rerun with --resume to continue")
+    recipes = lambda: tuple(_recipe(m, input_shape, trust_pickle, device, output, dataset) for m in (gloro_model, base or gloro_model))  # noqa: E731
     with render.progress_bar(transient=False) as progress, outputs.publishing():
         total = compare_rs.EveryKth(dataset, skip).num_samples
         tasks = {"gloro": progress.add_task("GloRo certify", total=total), "smoothing": progress.add_task(f"smoothing n={n}", total=total)}
-        result = compare_rs.compare_rs(gloro_loaded, base_loaded, dataset, **parameters, batch=batch_size, out_dir=out_dir,
-                                       resume=resume, progress=lambda what, k: progress.advance(tasks[what], k))
+        result = _compare_rs(compare_rs, (gloro_loaded, base_loaded), recipes, dataset, dict(**parameters, batch=batch_size),
+                             out_dir, ray_options, lambda what, k: progress.advance(tasks[what], k))
         if plot:
             compare_rs.plot_comparison(result, plot)
     out.print(render.compare_rs_table(result))
     out.print(render.compare_rs_line(result.summary))
 
 
+def _compare_rs_outputs(compare_rs, models: tuple[Path, Path | None], data_options: DataOptions, out_dir: Path | None,
+                        plot: Path | None, ray_options: RayOptions) -> files.Outputs:
+    """compare-rs's outputs, checked before any work: in process, the --out directory's results and its resume log;
+    with --ray only the summary is staged (the row parts are written as they finish)."""
+    ray_options.check(out_dir, resumes_in_process=True)
+    if ray_options.ray is None:
+        compare_rs.check_out(out_dir, ray_options.resume)
+    outputs = _outputs(models[0], models[1], api.default_path(models[0]), *data_options.inputs())
+    if ray_options.ray is None:
+        outputs.add_directory(out_dir, "--out", compare_rs.RESULT_FILES)
+    else:
+        outputs.add(out_dir / compare_rs.RESULT_FILES[-1], "--out", (".json",))
+    outputs.add(plot, "--plot", results.PLOT_FORMATS)
+    return outputs
+
+
+def _compare_rs(compare_rs, models: tuple[api.Model, api.Model], recipes, dataset: api.Dataset, parameters: dict,
+                out_dir: Path | None, ray_options: RayOptions, progress):
+    """compare-rs in process, or with --ray on the cluster (``recipes()``: how each worker loads both models)."""
+    if ray_options.ray is None:
+        return compare_rs.compare_rs(*models, dataset, **parameters, out_dir=out_dir, resume=ray_options.resume,
+                                     progress=progress)
+    return compare_rs.compare_rs_on_ray(*models, recipes(), dataset, out_dir, **parameters, **ray_options.run(),
+                                        progress=progress)
+
+
 @app.command("compare-local")
 @reads_data()
+@runs_on_ray
 def compare_local_command(
     model: ModelArg,
     data_options: DataOptions,
@@ -342,12 +445,14 @@ def compare_local_command(
     kw_limit: Annotated[int, typer.Option("--kw-limit", help="KW certifies only the first N samples (it is ~1000× slower than gloro); 0: all.")] = 100,
     fallback: FallbackOpt = "bcp",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report (every row, versions) as JSON.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="With --ray: directory for each method's row parts (OUT/METHOD/rows/part-NNNNN.parquet).")] = None,
     bound_path: BoundOpt = None,
     batch_size: BatchSizeOpt = 256,
     device: Device = "cpu",
     input_shape: InputShape = None,
     output: OutputOpt = None,
     trust_pickle: TrustPickle = False,
+    ray_options: RayOptions = RayOptions(),
 ) -> None:
     """Compare certifiers on your model and data (the GloRo paper's Fig. 4b): VRA per ε, time and peak memory of gloro, BCP, KW and the cascade.
 
@@ -359,6 +464,9 @@ def compare_local_command(
     """
     from glorocert.studies import compare_local
 
+    ray_options.check(out_dir)
+    if out_dir is not None and ray_options.ray is None:
+        raise GlorocertError("--out is where --ray writes each method's rows; in process, write the report with --json")
     outputs = _outputs(model, api.default_path(model), bound_path, *data_options.inputs())
     outputs.add(json_path, "--json", (".json",))
     dataset = data_options.open(None)  # opened once here (printing its notes) before any method's process starts
@@ -367,12 +475,11 @@ def compare_local_command(
                              "data (--labels for a .npy, y in an .npz, a label column in a CSV) or use certify")
     source = compare_local.Source(model=str(model), **data_options.parsed(), input_shape=api.parse_shape(input_shape),
                                   data_shape=tuple(dataset.shape), output=output, trust_pickle=trust_pickle, device=device)
-    with err.status(f"loading {model} and {data_options.data}, checking the converted graph, resolving the bound…") as status:
-        report = compare_local.compare_local(
-            source, _floats(eps, "--eps"), methods=methods, kw_limit=kw_limit, batch_size=batch_size, fallback=fallback,
-            bound=bound_path, progress=lambda method, samples: status.update(render.method_started(method, samples)),
-            done=lambda row: err.print(render.method_finished(row), highlight=False),
-        )
+    options = dict(methods=methods, kw_limit=kw_limit, batch_size=batch_size, fallback=fallback, bound=bound_path)
+    if out_dir is not None:
+        outputs.kept.append(f"the finished row parts in {out_dir}/METHOD/{distributed.ROWS_DIR}: rerun with --resume to continue")
+    report = _compare_local(compare_local, source, _floats(eps, "--eps"), options, ray_options, out_dir,
+                            f"loading {model} and {data_options.data}, checking the converted graph, resolving the bound…")
     for message in report["notes"]:
         err.print(render.note(message))
     if json_path:
@@ -385,8 +492,24 @@ def compare_local_command(
         raise typer.Exit(1)
 
 
+def _compare_local(compare_local, source, eps: tuple[float, ...], options: dict, ray_options: RayOptions,
+                   out_dir: Path | None, loading: str) -> dict:
+    """compare-local in process (a status line per method), or with --ray on the cluster (a progress bar per method)."""
+    done = lambda row: err.print(render.method_finished(row), highlight=False)  # noqa: E731
+    if ray_options.ray is None:
+        with err.status(loading) as status:
+            return compare_local.compare_local(source, eps, **options, done=done,
+                                               progress=lambda method, samples: status.update(render.method_started(method, samples)))
+    with render.progress_bar(transient=False) as progress:
+        task = {}
+        started = lambda method, samples: task.update(now=progress.add_task(f"{method} on Ray", total=samples))  # noqa: E731
+        return compare_local.compare_local_on_ray(source, eps, out_dir, **options, **ray_options.run(), progress=started,
+                                                  done=done, advance=lambda k: progress.advance(task["now"], k))
+
+
 @app.command("audit")
 @reads_data(limit=200)
+@runs_on_ray
 def audit_command(
     model: ModelArg,
     data_options: DataOptions,
@@ -395,25 +518,30 @@ def audit_command(
     steps: Annotated[int, typer.Option("--steps", help="Steps per attack.")] = 100,
     restarts: Annotated[int, typer.Option("--restarts", help="Random restarts of the fixed-budget PGD attack.")] = 2,
     seed: Annotated[int, typer.Option("--seed", help="Attack seed.")] = 0,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory for audit.json and one .npz per violation.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory for audit.json and one .npz per violation (with --ray: and the row parts).")] = None,
     device: Device = "cpu",
     input_shape: InputShape = None,
     output: OutputOpt = None,
     trust_pickle: TrustPickle = False,
+    ray_options: RayOptions = RayOptions(),
 ) -> None:
     """Attack every certified sample inside its certified radius; exit 1 if any attack succeeds (a violation).
 
-    Minimum-norm (FMN, DDN) and fixed-budget PGD attacks from foolbox, seeded, run on the IR; every
-    adversarial example is re-checked on the native model (on --device). Also reports how far the nearest
-    adversarial example lies beyond the certified radius.
+    Minimum-norm attacks (foolbox's FMN and DDN) and fixed-budget PGD inside each radius, seeded per sample, run
+    on the IR; every adversarial example is re-checked on the native model (on --device). Also reports how far
+    the nearest adversarial example lies beyond the certified radius.
 
     Example: glorocert audit models/mnist-5k-eps0.3/model.onnx --data mnist-5k --limit 200 --out out/audit
     """
     from glorocert.studies import audit
 
     audit.check_parameters(steps, restarts)
+    ray_options.check(out_dir)
     outputs = _outputs(model, bound_path, api.default_path(model), *data_options.inputs())
-    outputs.add_directory(out_dir, "--out", ("audit.json",))
+    if ray_options.ray is None:
+        outputs.add_directory(out_dir, "--out", ("audit.json",))
+    else:  # the row parts (and any violation's .npz) are written as they finish: only audit.json is staged
+        outputs.add(out_dir / "audit.json", "--out", (".json",))
     loaded = _load(model, input_shape, trust_pickle, device, output, data_options)
     dataset = data_options.open(loaded)
     if verify_bound:
@@ -421,8 +549,13 @@ def audit_command(
             api.resolve_bound(loaded, bound_path, dataset.normalization, verify=True)
     with render.progress_bar() as progress, outputs.publishing():
         task = progress.add_task("attacking certified samples", total=dataset.num_samples)
-        result = audit.audit(loaded, dataset, bound=bound_path, steps=steps, restarts=restarts, seed=seed, out_dir=out_dir,
-                             progress=lambda k: progress.advance(task, k))
+        options = dict(bound=bound_path, steps=steps, restarts=restarts, seed=seed, progress=lambda k: progress.advance(task, k))
+        if ray_options.ray is None:
+            result = audit.audit(loaded, dataset, **options, out_dir=out_dir)
+        else:
+            outputs.kept.append(ray_options.kept(out_dir))
+            recipe = _recipe(model, input_shape, trust_pickle, device, output, dataset)
+            result = audit.audit_on_ray(loaded, recipe, dataset, out_dir, **options, **ray_options.run())
     out.print(render.audit_table(result.summary, f"audit of {model.name} on {dataset.name}"))
     for violation in result.violations:
         err.print(render.violation_line(violation))
@@ -590,7 +723,7 @@ def main() -> None:
     interrupt_on_sigterm()
     Terminated.received = False  # this command's own signals only (tests run many commands in one process)
     try:
-        code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising it here
+        code = app(args=_ray_address_given(sys.argv[1:]), standalone_mode=False)  # typer.Exit's code is returned here
     except GlorocertError as e:
         if DEBUG["on"]:
             raise
@@ -610,6 +743,16 @@ def main() -> None:
     if code == 130:  # typer turns Ctrl-C into Exit(130) inside app()
         code = _interrupted(None)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+_RAY_ADDRESS = re.compile(r"auto|[a-z]+://\S+|[\w.-]+:\d+")
+
+
+def _ray_address_given(args: list[str]) -> list[str]:
+    """``--ray`` may stand alone (typer options always take a value): unless an address follows it (``auto``,
+    ``ray://host:port``, ``host:port``), it means ``--ray=auto``."""
+    return [f"{arg}=auto" if arg == "--ray" and (k + 1 == len(args) or not _RAY_ADDRESS.fullmatch(args[k + 1])) else arg
+            for k, arg in enumerate(args)]
 
 
 def _outputs(*inputs: Path | str | None) -> files.Outputs:

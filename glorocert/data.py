@@ -60,6 +60,7 @@ import contextlib
 import csv
 import glob
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -67,7 +68,7 @@ import re
 import struct
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -78,7 +79,8 @@ from glorocert.errors import GlorocertError
 from glorocert.files import PARTIAL, atomic_write, sha256_of, write_json
 from glorocert.normalization import Normalization
 
-__all__ = ["BUILTINS", "Batch", "Dataset", "export_shards", "from_arrays", "open_dataset", "read_idx", "stratified_split"]
+__all__ = ["BUILTINS", "Batch", "Dataset", "ShardWindow", "check_pixels", "export_shards", "from_arrays", "open_dataset", "read_idx",
+           "stratified_split"]
 
 BUILTINS = ("mnist-5k", "digits", "fashion-mnist")
 SPLITS = ("train", "test")
@@ -343,23 +345,79 @@ class Dataset:
         for raw in source.chunks(lo, lo + self.num_samples, batch_size):
             n = len(raw)
             x = self._convert(raw)
-            flat = x.reshape(n, -1)
-            finite = np.isfinite(flat).all(axis=1)
-            if not finite.all():
-                i = lo + int(np.argmin(finite))
-                raise GlorocertError(f"{source.where}: {source.row(i)} contains NaN or inf; fix or drop that row (see start/limit)")
-            inside = ((flat >= 0) & (flat <= 1)).all(axis=1)
-            if not inside.all():
-                i = int(np.argmin(inside))
-                bad = flat[i][(flat[i] < 0) | (flat[i] > 1)][0]
-                raise GlorocertError(
-                    f"{source.where}: {source.row(lo + i)} has pixel value {bad:g} outside [0, 1] after scaling ({self._scale_hint}); "
-                    "give raw pixels (0..1 or 0..255, see --scale) and pass any normalisation as --mean/--std"
-                )
+            check_pixels(x, source.where, lambda i, lo=lo: source.row(lo + i), self._scale_hint)
             y = None if source.labels is None else source.labels[lo : lo + n].copy()  # callers may mutate
             index = np.arange(lo, lo + n, dtype=np.int64) if source.indices is None else source.indices[lo : lo + n].copy()
             yield Batch(index=index, x=x, y=y)
             lo += n
+
+
+    def detached(self) -> Dataset:
+        """This dataset without its source — name, shape, labels flag and normalisation, small and picklable — for a
+        process that receives the samples some other way (a Ray worker: glorocert/distributed.py)."""
+        return replace(self, notes=[], _source=None, _convert=None)
+
+    def sample_indices(self) -> np.ndarray:
+        """Every sample's index in its source, in the order :meth:`batches` yields them (no pixel is read)."""
+        source, lo = self._source, self._start
+        if source.indices is None:
+            return np.arange(lo, lo + self.num_samples, dtype=np.int64)
+        return source.indices[lo : lo + self.num_samples].copy()
+
+    def shard_windows(self) -> list[ShardWindow] | None:
+        """For Parquet shards, the rows of each shard the window covers (in order); None for any other source."""
+        source = self._source
+        if not isinstance(source, _ShardSource):
+            return None
+        lo, hi, windows = self._start, self._start + self.num_samples, []
+        for k, path in enumerate(source.paths):
+            first, stop = max(lo, source.offsets[k]), min(hi, source.offsets[k + 1])
+            if first < stop:
+                windows.append(ShardWindow(path, source.sha256[k], first - source.offsets[k], stop - source.offsets[k],
+                                           source.indices[first:stop].copy()))
+        return windows
+
+    def fingerprint(self) -> dict:
+        """What identifies these samples, as JSON values: name, window, shape, normalisation and a digest of the
+        stored samples (the shards' sha256, a data file's sha256; a built-in dataset is its name) and labels."""
+        source = self._source
+        if isinstance(source, _ShardSource):
+            digest = hashlib.sha256(" ".join(w.sha256 for w in self.shard_windows()).encode()).hexdigest()
+        elif Path(source.where).is_file():
+            digest = sha256_of(source.where)
+        else:
+            digest = None  # a built-in dataset (its name says which) or an image folder (its labels are below)
+        labels = None if source.labels is None else hashlib.sha256(np.ascontiguousarray(source.labels).tobytes()).hexdigest()
+        return {"name": self.name, "start": self._start, "num_samples": self.num_samples, "shape": list(self.shape),
+                "normalization": None if self.normalization is None else self.normalization.to_json(),
+                "samples_sha256": digest, "labels_sha256": labels}
+
+
+@dataclass(frozen=True)
+class ShardWindow:
+    """The rows ``[first, stop)`` of one Parquet shard that a dataset window covers, and their sample indices."""
+
+    path: Path
+    sha256: str  # the shard's sha256 in its manifest
+    first: int
+    stop: int
+    indices: np.ndarray = field(compare=False)
+
+
+def check_pixels(x: np.ndarray, where: str, row: Callable[[int], str], scale_hint: str) -> None:
+    """Refuse a batch with a NaN/inf pixel or a pixel outside [0, 1] (after scaling), naming the row (``row(i)``)."""
+    flat = x.reshape(len(x), -1)
+    finite = np.isfinite(flat).all(axis=1)
+    if not finite.all():
+        raise GlorocertError(f"{where}: {row(int(np.argmin(finite)))} contains NaN or inf; fix or drop that row (see start/limit)")
+    inside = ((flat >= 0) & (flat <= 1)).all(axis=1)
+    if not inside.all():
+        i = int(np.argmin(inside))
+        bad = flat[i][(flat[i] < 0) | (flat[i] > 1)][0]
+        raise GlorocertError(
+            f"{where}: {row(i)} has pixel value {bad:g} outside [0, 1] after scaling ({scale_hint}); "
+            "give raw pixels (0..1 or 0..255, see --scale) and pass any normalisation as --mean/--std"
+        )
 
 
 def from_arrays(x: np.ndarray, y: np.ndarray | None = None, *, name: str = "arrays",

@@ -65,12 +65,13 @@ def eps_key(eps: float) -> str:
 # --------------------------------------------------------------------------- rows
 
 
-def write_rows(path: str | os.PathLike, columns: Mapping[str, np.ndarray], schema_version: str) -> None:
+def write_rows(path: str | os.PathLike, columns: Mapping[str, np.ndarray], schema_version: str,
+               metadata: Mapping[str, str] | None = None) -> None:
     """Write one row per sample as CSV, JSONL or Parquet (by extension), atomically, in column order.
 
     Parquet stores ``schema_version`` in the file metadata
-    (``glorocert.schema_version``); CSV and JSONL stay plain tables that any
-    tool reads (NaN/inf appear as Python writes them: ``nan``/``inf`` in CSV,
+    (``glorocert.schema_version``), and ``metadata`` beside it (``glorocert.KEY``); CSV and JSONL stay plain
+    tables that any tool reads (NaN/inf appear as Python writes them: ``nan``/``inf`` in CSV,
     ``NaN``/``Infinity`` in JSONL).
     """
     target = Path(path)
@@ -87,7 +88,8 @@ def write_rows(path: str | os.PathLike, columns: Mapping[str, np.ndarray], schem
             import pyarrow.parquet as pq
 
             table = pa.table({name: pa.array(a) for name, a in arrays.items()})
-            table = table.replace_schema_metadata({SCHEMA_METADATA_KEY: str(schema_version).encode()})
+            extra = {f"glorocert.{key}".encode(): str(value).encode() for key, value in (metadata or {}).items()}
+            table = table.replace_schema_metadata({SCHEMA_METADATA_KEY: str(schema_version).encode(), **extra})
             pq.write_table(table, tmp)
             return
         lists = [_python_values(a) for a in arrays.values()]

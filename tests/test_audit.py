@@ -87,6 +87,6 @@ def test_empirical_lower_bounds_never_exceed_the_sound_upper_bounds(trained_digi
 @pytest.mark.parametrize("steps, restarts", [(0, 2), (-1, 2), (10, -1)])
 def test_audit_refuses_no_steps_or_negative_restarts_before_any_work(monkeypatch, steps, restarts):
     """steps=0 or restarts=-1 used to run no attack at all and report "violations 0" (issue 15)."""
-    monkeypatch.setattr(audit_module, "certify", lambda *a, **k: pytest.fail("certified before checking the parameters"))
+    monkeypatch.setattr(audit_module, "resolve_bound", lambda *a, **k: pytest.fail("worked before checking the parameters"))
     with pytest.raises(GlorocertError, match="--steps must be ≥ 1" if steps < 1 else "--restarts must be ≥ 0"):
         audit(None, None, steps=steps, restarts=restarts)

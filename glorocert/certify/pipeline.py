@@ -330,25 +330,44 @@ def certify_locally_at(model: Model, data: Dataset | str, eps: Sequence[float], 
     eps = check_eps(eps)
     check_request(model, dataset, batch_size)
     bound, source = resolve_bound(model, bound, dataset.normalization)
-    from glorocert.certify.local_stage import local_slack
+    certifier = BatchLocalAtEps(model, dataset, bound, source, eps, method, batch_size)
+    parts = [certifier(batch) for batch in dataset.batches(batch_size)]
+    return local_at_eps_summary({name: np.concatenate([part[name] for part in parts]) for name in parts[0]}, eps)
 
-    stage = _local_stage(method, model, bound, dataset.normalization, eps)
-    slopes = SlopeCheck(model, dataset, bound.margin_matrix, source, sound=bound.mode == "sound")
-    samples, correct_total, labelled = 0, 0, 0
-    certified = {eps_key(e): 0 for e in eps}
-    for batch in dataset.batches(batch_size):
-        logits = native_logits(model, dataset, batch, batch_size)
-        slopes(batch, logits)
+
+class BatchLocalAtEps:
+    """:func:`certify_locally_at`'s per-batch work: BCP or KW at every requested ε, one pass each, on the native
+    prediction; per sample ``index``, ``label``, ``predicted``, ``correct`` and ``certified@ε`` (correct and
+    certified at ε)."""
+
+    def __init__(self, model: Model, dataset: Dataset, bound: Bound, source: str, eps: Sequence[float], method: str,
+                 batch_size: int = 256):
+        self.model, self.dataset, self.eps, self.batch_size = model, dataset, check_eps(eps), batch_size
+        self.stage = _local_stage(method, model, bound, dataset.normalization, self.eps)
+        self.slopes = SlopeCheck(model, dataset, bound.margin_matrix, source, sound=bound.mode == "sound")
+
+    def __call__(self, batch) -> dict[str, np.ndarray]:
+        from glorocert.certify.local_stage import local_slack
+
+        logits = native_logits(self.model, self.dataset, batch, self.batch_size)
+        self.slopes(batch, logits)
         predicted = logits.argmax(axis=1)
-        correct = (predicted == batch.y) if batch.y is not None else np.ones(len(predicted), bool)
-        if batch.y is not None:
-            correct_total, labelled = correct_total + int(correct.sum()), labelled + len(predicted)
-        slack = local_slack(logits, stage.rtol)
-        for e in eps:
-            certified[eps_key(e)] += int((stage.certified_at(batch.x, predicted, slack, e) & correct).sum())
-        samples += len(predicted)
-    return {"samples": samples, "clean_accuracy": correct_total / labelled if labelled else None,
-            "vra": {k: v / samples for k, v in certified.items()}}
+        labelled = batch.y is not None
+        correct = (predicted == batch.y) if labelled else np.ones(len(predicted), bool)
+        rows = {"index": batch.index, "label": batch.y if labelled else np.full(len(predicted), -1, np.int64),
+                "predicted": predicted, "correct": correct}
+        slack = local_slack(logits, self.stage.rtol)
+        for e in self.eps:
+            rows[f"certified@{eps_key(e)}"] = self.stage.certified_at(batch.x, predicted, slack, e) & correct
+        return rows
+
+
+def local_at_eps_summary(rows: dict, eps: Sequence[float]) -> dict:
+    """Samples, clean accuracy (over labelled samples) and VRA per ε of :class:`BatchLocalAtEps`'s rows."""
+    labelled = rows["label"] >= 0
+    samples = len(rows["index"])
+    return {"samples": samples, "clean_accuracy": float(rows["correct"][labelled].mean()) if labelled.any() else None,
+            "vra": {eps_key(e): float(rows[f"certified@{eps_key(e)}"].mean()) for e in check_eps(eps)}}
 
 
 def versions() -> dict:

@@ -5,6 +5,7 @@ torch is imported where it is used: an ONNX model on the CPU runs with onnxrunti
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -103,6 +104,9 @@ class OrtRunner:
                 self.note = "onnxruntime has no CUDA provider here (pip install 'glorocert[gpu]'); running on the CPU"
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        if threads.isdigit() and int(threads) > 0:  # as torch does; Ray sets it to an actor's CPUs (glorocert/distributed.py)
+            options.intra_op_num_threads = int(threads)
         self.session = ort.InferenceSession(model, options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         batch = self.session.get_inputs()[0].shape[0]

@@ -38,8 +38,11 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
-from glorocert import api
+import numpy as np
+
+from glorocert import api, distributed
 from glorocert.errors import GlorocertError
 from glorocert.results import eps_key
 from glorocert.studies.isolation import peak_rss_bytes, run_here, run_isolated
@@ -48,6 +51,7 @@ METHODS = api.METHODS
 REPORT_FORMAT = "glorocert-compare-local"
 REPORT_VERSION = 1
 DEFAULT_KW_LIMIT = 100
+RAY_PART_ROWS = 1024  # --ray: samples per part (the unit written and resumed), per method
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,11 @@ class Source:
     def load(self) -> api.Model:
         return api.load(self.model, input_shape=self.input_shape, data_shape=self.data_shape, output=self.output,
                         trust_pickle=self.trust_pickle, device=self.device)
+
+    def recipe(self) -> api.ModelRecipe:
+        """How a Ray worker loads the model (the full path: the local methods need the IR)."""
+        return api.ModelRecipe(str(self.model), self.input_shape, self.data_shape, self.output, self.trust_pickle,
+                               self.device)
 
     def open(self, model: api.Model) -> api.Dataset:
         return api.open_dataset(
@@ -153,10 +162,15 @@ def compare_local(
         if done:
             done(row)
     _add_time_ratios(rows)
+    return _report(source, dataset, model, bound, bound_source, eps, kw_limit, kw_samples, fallback, batch_size, rows)
+
+
+def _report(source: Source, dataset, model, bound, bound_source: str, eps, kw_limit, kw_samples: int, fallback: str,
+            batch_size: int, rows: list[dict]) -> dict:
     return {
         "format": REPORT_FORMAT, "format_version": REPORT_VERSION, "model": str(source.model), "dataset": dataset.name,
-        "samples": total, "kw_limit": kw_limit or None, "kw_samples": kw_samples, "eps": eps, "fallback": fallback,
-        "batch_size": batch_size,
+        "samples": dataset.num_samples, "kw_limit": kw_limit or None, "kw_samples": kw_samples, "eps": eps,
+        "fallback": fallback, "batch_size": batch_size,
         "normalization": None if dataset.normalization is None else dataset.normalization.to_json(),
         "bound_file": bound_source, "bound_mode": bound.mode, "lipschitz": bound.lipschitz, "methods": rows,
         "notes": list(model.notes), "versions": api.versions(),
@@ -190,25 +204,125 @@ class _Job:
     bound: object
 
 
+def _batch_work(method: str, model: api.Model, dataset: api.Dataset, bound: api.Bound, source: str, eps: list[float],
+                fallback: str, batch_size: int):
+    """The per-batch work of ``method``: gloro and the cascade certify (a radius per sample), bcp and kw certify
+    at each ε; either way the rows hold ``certified@ε`` per sample."""
+    if method in ("gloro", "cascade"):
+        return api.BatchCertifier(model, dataset, bound, source, eps, method=method, fallback=fallback,
+                                  batch_size=batch_size)
+    return api.BatchLocalAtEps(model, dataset, bound, source, eps, method, batch_size)
+
+
+def _method_report(method: str, rows: dict, eps: list[float], fallback: str, model: api.Model, dataset: api.Dataset,
+                   bound: api.Bound, source: str) -> dict:
+    """A method's row of the report, from its per-sample rows: samples, clean accuracy, VRA per ε (and what the
+    cascade's local stage did)."""
+    if method not in ("gloro", "cascade"):
+        row = api.local_at_eps_summary(rows, eps)
+    else:
+        s = api.certify_summary(rows, eps, method, fallback, model, dataset, bound, source)
+        row = {"samples": s["num_samples"], "clean_accuracy": s["clean_accuracy"], "vra": dict(s["vra"])}
+        if method == "cascade":
+            row["local"] = {k: s[k] for k in ("local_method", "local_samples", "local_passes", "local_seconds", "rescued")}
+    row["vra"] = {eps_key(e): row["vra"][eps_key(e)] for e in eps}
+    return row
+
+
 def _run_method(job: _Job) -> dict:
     """Load, then certify with ``job.method`` at every ε; runs in the child process."""
     model = job.source.load()
     dataset = job.source.open(model)
     load_rss = peak_rss_bytes()
     started = time.perf_counter()
-    if job.method in ("gloro", "cascade"):
-        result = api.certify(model, dataset, job.eps, bound=job.bound, batch_size=job.batch_size, method=job.method,
-                             fallback=job.fallback)
-        s = result.summary
-        row = {"samples": s["num_samples"], "clean_accuracy": s["clean_accuracy"], "vra": dict(s["vra"])}
-        if job.method == "cascade":
-            row["local"] = {k: s[k] for k in ("local_method", "local_samples", "local_passes", "local_seconds", "rescued")}
-    else:  # BCP reuses the frozen bound's norms, as the cascade does
-        row = api.certify_locally_at(model, dataset, job.eps, job.method, bound=job.bound, batch_size=job.batch_size)
+    bound, source = api.resolve_bound(model, job.bound, dataset.normalization)
+    work = _batch_work(job.method, model, dataset, bound, source, job.eps, job.fallback, job.batch_size)
+    parts = [work(batch) for batch in dataset.batches(job.batch_size)]
+    rows = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    row = _method_report(job.method, rows, job.eps, job.fallback, model, dataset, bound, source)
     row["seconds"] = time.perf_counter() - started
     row["load_rss_bytes"] = load_rss
-    row["vra"] = {eps_key(e): row["vra"][eps_key(e)] for e in job.eps}
     return row
 
 
-__all__ = ["METHODS", "Source", "compare_local", "parse_methods", "succeeded"]
+@dataclass(frozen=True)
+class MethodWork:
+    """One method's per-batch work on a Ray worker: its rows, and per row the share of its batch's seconds and the
+    worker's peak memory (after loading, and so far)."""
+
+    recipe: api.ModelRecipe
+    bound: api.Bound
+    source: str
+    dataset: api.Dataset  # detached
+    method: str
+    eps: list[float]
+    fallback: str
+    batch_size: int
+
+    def __call__(self, localize):
+        model = self.recipe.load(localize)
+        bound, _ = api.resolve_bound(model, self.bound, self.dataset.normalization)
+        work = _batch_work(self.method, model, self.dataset, bound, self.source, self.eps, self.fallback, self.batch_size)
+        load_rss = peak_rss_bytes()
+
+        def rows(batch) -> dict:
+            started = time.perf_counter()
+            out = dict(work(batch))
+            n = len(batch.index)
+            out.update(batch_seconds=np.full(n, (time.perf_counter() - started) / n), load_rss_bytes=np.full(n, load_rss),
+                       peak_rss_bytes=np.full(n, peak_rss_bytes()))
+            return out
+
+        return rows
+
+
+def compare_local_on_ray(source: Source, eps: Sequence[float], out_dir, *, methods: str | Sequence[str] = METHODS,
+                         kw_limit: int | None = DEFAULT_KW_LIMIT, batch_size: int = 256, fallback: str = "bcp",
+                         bound=None, address: str | None = None, workers: int | None = None, resume: bool = False,
+                         progress: Callable[[str, int], None] | None = None, done: Callable[[dict], None] | None = None,
+                         advance: Callable[[int], None] | None = None) -> dict:
+    """:func:`compare_local` on a Ray cluster: each method in turn on an actor pool (glorocert/distributed.py), its
+    rows as Parquet parts under ``out_dir/METHOD/``, resumable. The report equals the in-process one but for the
+    timings and memory: ``seconds`` is the workers' time certifying (summed over workers), ``peak_rss_bytes`` and
+    ``load_rss_bytes`` the largest of any worker; each row adds ``distributed``. ``advance(n)``: n more samples."""
+    methods = parse_methods(methods)
+    eps = _check_options(eps, kw_limit, batch_size, fallback)
+    model = source.load()
+    dataset = source.open(model)
+    if tuple(dataset.shape) != tuple(model.input_shape):
+        raise GlorocertError(f"{dataset.name}: samples have shape {tuple(dataset.shape)}, the model takes {tuple(model.input_shape)}")
+    bound, bound_source = api.resolve_bound(model, bound, dataset.normalization)
+    kw_samples = min(dataset.num_samples, kw_limit) if kw_limit else dataset.num_samples
+    rows: list[dict] = []
+    for method in methods:
+        window = replace(source, limit=kw_samples) if method == "kw" else source
+        data = window.open(model)
+        if progress:
+            progress(method, data.num_samples)
+        work = MethodWork(source.recipe(), bound, bound_source, data.detached(), method, eps, fallback, batch_size)
+        identity = {"model_sha256": model.sha256, "bound_sha256": bound.to_json()["content_sha256"], "method": method,
+                    "eps": eps, "fallback": fallback if method == "cascade" else None}
+        job = distributed.Job(f"compare-local {method}", work, identity, batch_size, RAY_PART_ROWS,
+                              files=work.recipe.files, schema_version=api.ROWS_SCHEMA_VERSION)
+        run = (job, data, Path(out_dir) / method, dict(address=address, workers=workers, resume=resume, progress=advance))
+        row = {"method": method, **run_here(_run_on_ray, (run, model, bound, bound_source, fallback))}
+        row.setdefault("samples", data.num_samples)
+        if method == "gloro" and row["status"] == "unsupported":
+            raise GlorocertError(row["error"])
+        rows.append(row)
+        if done:
+            done(row)
+    _add_time_ratios(rows)
+    return _report(source, dataset, model, bound, bound_source, eps, kw_limit, kw_samples, fallback, batch_size, rows)
+
+
+def _run_on_ray(arguments) -> dict:
+    (job, data, out_dir, options), model, bound, bound_source, fallback = arguments
+    run = distributed.run(job, data, out_dir, **options)
+    row = _method_report(job.work.method, run.rows, job.work.eps, fallback, model, data, bound, bound_source)
+    row.update(seconds=float(run.rows["batch_seconds"].sum()), load_rss_bytes=int(run.rows["load_rss_bytes"].max()),
+               peak_rss_bytes=int(run.rows["peak_rss_bytes"].max()), distributed=run.report())
+    return row
+
+
+__all__ = ["METHODS", "MethodWork", "Source", "compare_local", "compare_local_on_ray", "parse_methods", "succeeded"]

@@ -29,7 +29,8 @@ from typing import Callable
 
 import numpy as np
 
-from glorocert.api import ROWS_SCHEMA_VERSION, Dataset, Model, certify
+from glorocert import distributed
+from glorocert.api import ROWS_SCHEMA_VERSION, CertifyWork, Dataset, Model, ModelRecipe, certify, resolve_bound
 from glorocert.certify import smoothing
 from glorocert.errors import GlorocertError
 from glorocert.files import jsonable, write_json
@@ -40,6 +41,8 @@ SMOOTHING_ROWS = "smoothing-rows.jsonl"  # appended as rows finish: the resume s
 MANIFEST = "smoothing-run.json"  # what those rows depend on, written when a run starts: --resume refuses a mismatch
 MANIFEST_FORMAT = 1
 RESULT_FILES = ("gloro-rows.csv", "smoothing-rows.csv", "summary.json")  # published together at the end
+RAY_SAMPLES_PER_CALL = 2  # --ray: samples per worker call (each costs n forward passes: small calls balance the load)
+RAY_PART_SAMPLES = 32  # --ray: kept samples per part, the unit written and resumed
 
 
 class EveryKth:
@@ -212,23 +215,93 @@ def compare_rs(
     started = time.perf_counter()
     rows = _smoothing_rows(smooth, subset, rows_path, resume, dict(n0=n0, n=n, alpha=alpha, seed=seed), progress)
     smoothing_seconds = time.perf_counter() - started
-    g = gloro.rows
+    result = comparison(gloro.rows, rows, gloro_model, base_model, subset.name, gloro.bound.mode,
+                        gloro.summary["seconds"], dict(sigma=sigma, n0=n0, n=n, alpha=alpha, seed=seed), grid,
+                        wall_seconds_smoothing_this_run=smoothing_seconds)
+    if out_dir:
+        _write_outputs(Path(out_dir), result.gloro_rows, rows, result.summary)
+    return result
+
+
+def comparison(gloro_rows: dict, smoothing_rows: dict, gloro_model: Model, base_model: Model, dataset_name: str,
+               bound_mode: str, gloro_seconds: float, parameters: dict, grid=DEFAULT_GRID, **timings) -> Comparison:
+    """Both methods' rows side by side: the table (certified accuracy on ``grid``, ACR, speed) and the summary.
+    ``parameters``: σ, n0, n, α, seed; ``timings``: more wall-clock figures for the summary."""
+    sigma, alpha = parameters["sigma"], parameters["alpha"]
     table = [
-        _method_row("GloRo", "deterministic" + (" (ESTIMATE bound)" if gloro.bound.mode == "estimate" else ""),
-                    g["radius"], g["correct"], gloro.summary["seconds"], grid),
-        _method_row(f"smoothing σ={sigma:g}", f"probabilistic, α={alpha:g} per sample", rows["radius"],
-                    rows["correct"].astype(bool), float(rows["seconds"].sum()), grid),
+        _method_row("GloRo", "deterministic" + (" (ESTIMATE bound)" if bound_mode == "estimate" else ""),
+                    gloro_rows["radius"], gloro_rows["correct"], gloro_seconds, grid),
+        _method_row(f"smoothing σ={sigma:g}", f"probabilistic, α={alpha:g} per sample", smoothing_rows["radius"],
+                    smoothing_rows["correct"].astype(bool), float(smoothing_rows["seconds"].sum()), grid),
     ]
     summary = {
-        "dataset": subset.name, "num_samples": subset.num_samples, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
-        "seed": seed, "gloro_model": str(gloro_model.path), "base_model": str(base_model.path),
-        "bound_mode": gloro.bound.mode, "methods": table, "wall_seconds_smoothing_this_run": smoothing_seconds,
+        "dataset": dataset_name, "num_samples": len(gloro_rows["index"]), **parameters,
+        "gloro_model": str(gloro_model.path), "base_model": str(base_model.path),
+        "bound_mode": bound_mode, "methods": table, **timings,
         "speed_ratio_smoothing_over_gloro": (table[1]["seconds_per_sample"] or 0) / (table[0]["seconds_per_sample"] or 1),
         "rows_schema_version": ROWS_SCHEMA_VERSION,
     }
-    if out_dir:
-        _write_outputs(Path(out_dir), g, rows, summary)
-    return Comparison(g, rows, table, tuple(grid), summary)
+    return Comparison(gloro_rows, smoothing_rows, table, tuple(grid), summary)
+
+
+@dataclass(frozen=True)
+class RsWork:
+    """compare-rs's per-batch work on a Ray worker: the GloRo rows (at ε = 0, as in process) and Cohen's CERTIFY
+    on every sample, its noise seeded by (seed, index) as in process; columns ``gloro.*`` and ``smoothing.*``."""
+
+    gloro: CertifyWork
+    base: ModelRecipe
+    parameters: dict  # sigma, n0, n, alpha, seed
+    batch: int = 1000
+
+    def __call__(self, localize):
+        certifier = self.gloro(localize)
+        base = certifier.model if self.base == self.gloro.model else self.base.load(localize)
+        smooth = smoothing.Smooth(_base_forward(base, self.gloro.dataset), base.num_classes, self.parameters["sigma"],
+                                  batch_size=self.batch, device=base.runner.device)
+        certify_options = {k: self.parameters[k] for k in ("n0", "n", "alpha", "seed")}
+
+        def rows(batch) -> dict:
+            started = time.perf_counter()
+            gloro = certifier(batch)
+            gloro["seconds"] = np.full(len(batch.index), (time.perf_counter() - started) / len(batch.index))
+            smoothed = smoothing.certify_batches(smooth, [(batch.index, batch.x, batch.y)], **certify_options)
+            return {"index": batch.index, **{f"gloro.{k}": v for k, v in gloro.items() if k != "index"},
+                    **{f"smoothing.{k}": v for k, v in smoothed.items() if k != "index"}}
+
+        return rows
+
+
+def compare_rs_on_ray(gloro_model: Model, base_model: Model, recipes: tuple[ModelRecipe, ModelRecipe], dataset: Dataset,
+                      out_dir: Path, *, sigma: float, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+                      batch: int = 1000, skip: int = 1, seed: int = 0, address: str | None = None,
+                      workers: int | None = None, resume: bool = False, grid=DEFAULT_GRID,
+                      progress: Callable[[str, int], None] | None = None) -> Comparison:
+    """:func:`compare_rs` on a Ray cluster (glorocert/distributed.py): both methods' rows as Parquet parts under
+    ``out_dir`` (columns ``gloro.*``, ``smoothing.*``), resumable, equal to the in-process rows (``seconds``
+    aside: GloRo's hold each sample's share of its batch's time); ``summary.json`` beside them. ``recipes``: how
+    each worker loads the GloRo and the base model (the same recipe twice when they are one model)."""
+    check_parameters(sigma=sigma, n0=n0, n=n, alpha=alpha, skip=skip, batch=batch)
+    bound, source = resolve_bound(gloro_model, None, dataset.normalization)
+    parameters = dict(sigma=float(sigma), n0=n0, n=n, alpha=float(alpha), seed=seed)
+    work = RsWork(CertifyWork(recipes[0], bound, source, dataset.detached(), [0.0]), recipes[1], parameters, batch)
+    identity = {**parameters, "gloro_model_sha256": gloro_model.sha256, "base_model_sha256": base_model.sha256,
+                "bound_sha256": bound.to_json()["content_sha256"], "row_columns": smoothing.ROW_COLUMNS}
+    job = distributed.Job("compare-rs", work, identity, RAY_SAMPLES_PER_CALL, RAY_PART_SAMPLES * skip, skip,
+                          tuple(dict.fromkeys(recipes[0].files + recipes[1].files)), ROWS_SCHEMA_VERSION)
+    both = (lambda k: (progress("gloro", k), progress("smoothing", k))) if progress else None
+    started = time.perf_counter()
+    run = distributed.run(job, dataset, out_dir, address=address, workers=workers, resume=resume, progress=both)
+    tables: dict[str, dict] = {"gloro": {"index": run.rows["index"]}, "smoothing": {"index": run.rows["index"]}}
+    for name, values in run.rows.items():
+        table, _, column = name.partition(".")
+        if column:
+            tables[table][column] = values
+    result = comparison(tables["gloro"], tables["smoothing"], gloro_model, base_model, EveryKth(dataset, skip).name,
+                        bound.mode, float(tables["gloro"]["seconds"].sum()), parameters, grid,
+                        wall_seconds_this_run=time.perf_counter() - started, distributed=run.report())
+    write_json(Path(out_dir) / RESULT_FILES[-1], result.summary)
+    return result
 
 
 def _base_forward(base_model: Model, dataset: Dataset):
