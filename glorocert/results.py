@@ -97,7 +97,11 @@ def write_rows(path: str | os.PathLike, columns: Mapping[str, np.ndarray], schem
             if suffix == ".csv":
                 writer = csv.writer(f, lineterminator="\n")
                 writer.writerow(arrays)
-                writer.writerows(zip(*lists))  # str(float) is the shortest exact repr
+                if all(a.dtype.kind in "biuf" for a in arrays.values()):  # numbers need no quoting: one format per row
+                    row = ",".join(["{}"] * len(lists)) + "\n"
+                    f.writelines(map(row.format, *lists))
+                else:
+                    writer.writerows(zip(*lists))  # str(float) is the shortest exact repr
             else:
                 names = list(arrays)
                 for row in zip(*lists):
