@@ -176,16 +176,22 @@ def bench_certify(repeats: int = 5) -> None:
     console.print(table)
 
 
-def bench_process(repeats: int = 5) -> None:
+def bench_process(repeats: int = 9) -> None:
     """Whole-process `glorocert certify` on 60k Fashion-MNIST images vs a plain onnxruntime script (same file, same
     batches, one CSV row per sample: benchmarks/plain_ort.py), alternating. The shipped bound file vouches for the
     model, so certify takes its fast path (no torch, no onnx); the full path (IR conversion and equivalence check,
-    forced here with --output naming the declared output) is shown for comparison."""
+    forced here with --output naming the declared output) is shown for comparison. Shared machines add seconds to
+    some runs and never take any away: the fastest run of each command is the least disturbed figure, shown beside
+    the median."""
+    import compileall
     import subprocess
     import tempfile
 
     import onnxruntime as ort
 
+    # An installed wheel carries its bytecode; a checkout run with PYTHONDONTWRITEBYTECODE would compile
+    # every module from source on each start (≈0.1 s), which is no cost of certification.
+    compileall.compile_dir(ROOT / "glorocert", quiet=1)
     model = ROOT / "models" / "fashion-mnist-eps0.3" / "model.onnx"
     logits = ort.InferenceSession(str(model)).get_outputs()[0].name
     with tempfile.TemporaryDirectory() as tmp:
@@ -203,13 +209,14 @@ def bench_process(repeats: int = 5) -> None:
                 t0 = time.perf_counter()
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
                 times[name].append(time.perf_counter() - t0)
-    table = Table(title=f"whole process, 60,000 Fashion-MNIST images, batch 256 (median of {repeats}, alternating)")
-    for col in ("command", "seconds", "× plain", "runs"):
+    table = Table(title=f"whole process, 60,000 Fashion-MNIST images, batch 256 ({repeats} runs each, alternating)")
+    for col in ("command", "median s", "× plain (median)", "fastest s", "× plain (fastest)", "runs"):
         table.add_column(col)
-    base = statistics.median(times["plain onnxruntime script"])
+    plain = times["plain onnxruntime script"]
     for name, values in times.items():
-        t = statistics.median(values)
-        table.add_row(name, f"{t:.2f}", f"{t / base:.3f}×", " ".join(f"{v:.2f}" for v in values))
+        med, best = statistics.median(values), min(values)
+        table.add_row(name, f"{med:.2f}", f"{med / statistics.median(plain):.3f}×", f"{best:.2f}",
+                      f"{best / min(plain):.3f}×", " ".join(f"{v:.2f}" for v in values))
     console.print(table)
 
 
