@@ -92,20 +92,24 @@ def write_rows(path: str | os.PathLike, columns: Mapping[str, np.ndarray], schem
             table = table.replace_schema_metadata({SCHEMA_METADATA_KEY: str(schema_version).encode(), **extra})
             pq.write_table(table, tmp)
             return
-        lists = [_python_values(a) for a in arrays.values()]
+        names, rows = list(arrays), next(iter(lengths), 0)
+        numeric = all(a.dtype.kind in "biuf" for a in arrays.values())  # numbers need no quoting: one format per row
+        line = ",".join(["{}"] * len(names)) + "\n"
         with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
             if suffix == ".csv":
-                writer = csv.writer(f, lineterminator="\n")
-                writer.writerow(arrays)
-                if all(a.dtype.kind in "biuf" for a in arrays.values()):  # numbers need no quoting: one format per row
-                    row = ",".join(["{}"] * len(lists)) + "\n"
-                    f.writelines(map(row.format, *lists))
+                writer.writerow(names)
+            for start in range(0, rows, _TEXT_CHUNK):  # as Python values one chunk at a time: 10⁸ rows never become 10⁹ objects
+                lists = [_python_values(a[start : start + _TEXT_CHUNK]) for a in arrays.values()]
+                if suffix != ".csv":
+                    f.writelines(json.dumps(dict(zip(names, row))) + "\n" for row in zip(*lists))
+                elif numeric:
+                    f.writelines(map(line.format, *lists))
                 else:
                     writer.writerows(zip(*lists))  # str(float) is the shortest exact repr
-            else:
-                names = list(arrays)
-                for row in zip(*lists):
-                    f.write(json.dumps(dict(zip(names, row))) + "\n")
+
+
+_TEXT_CHUNK = 1 << 16
 
 
 def _python_values(a: np.ndarray) -> list:

@@ -80,6 +80,23 @@ def test_rows_round_trip_exactly_in_column_order(tmp_path, suffix):
         assert np.array_equal(back[name], expected), name  # bit-exact, never rounded
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_text_rows_written_in_chunks_equal_the_standard_writers_in_one_go(tmp_path, suffix):
+    import csv
+
+    columns = rows(70_000)  # more than one chunk of Python values
+    columns["note"] = np.where(columns["bottom@0.3"], "a,b", 'say "hi"')  # text that needs quoting: the csv path
+    for name, table in (("numbers", {k: v for k, v in columns.items() if k != "note"}), ("text", columns)):
+        write_rows(tmp_path / f"{name}{suffix}", table, "1")
+        values = [(a.astype(np.float64) if a.dtype.kind == "f" else a).tolist() for a in table.values()]
+        with open(tmp_path / f"expected{suffix}", "w", newline="") as f:
+            if suffix == ".csv":
+                csv.writer(f, lineterminator="\n").writerows([list(table), *zip(*values)])
+            else:
+                f.writelines(json.dumps(dict(zip(table, row))) + "\n" for row in zip(*values))
+        assert (tmp_path / f"{name}{suffix}").read_bytes() == (tmp_path / f"expected{suffix}").read_bytes(), name
+
+
 def test_parquet_carries_schema_version(tmp_path):
     import pyarrow.parquet as pq
 
