@@ -23,7 +23,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from glorocert import api, files, render, results
+from glorocert import api, distributed, files, render, results
 from glorocert.errors import GlorocertError, InputShapeNeeded, Terminated, caused_by_interrupt, interrupt_on_sigterm
 from glorocert.render import err, out
 
@@ -187,8 +187,6 @@ class RayOptions:
             if self.resume and not resumes_in_process:
                 raise GlorocertError("--resume continues an interrupted --ray run; add --ray and give its --out DIR")
             return
-        from glorocert import distributed  # numpy and Parquet helpers: imported only for --ray (certify's start-up stays lean)
-
         distributed.require()
         if out_dir is None:
             raise GlorocertError("--ray writes the rows into --out DIR as they finish (Parquet parts, resumable); give --out DIR")
@@ -199,8 +197,6 @@ class RayOptions:
             raise GlorocertError(f"--ray-workers {self.ray_workers}: expected at least 1")
 
     def kept(self, out_dir: Path) -> str:
-        from glorocert import distributed
-
         return f"the finished row parts in {out_dir / distributed.ROWS_DIR}: rerun with --resume to continue"
 
     def run(self) -> dict:
@@ -481,8 +477,6 @@ def compare_local_command(
                                   data_shape=tuple(dataset.shape), output=output, trust_pickle=trust_pickle, device=device)
     options = dict(methods=methods, kw_limit=kw_limit, batch_size=batch_size, fallback=fallback, bound=bound_path)
     if out_dir is not None:
-        from glorocert import distributed
-
         outputs.kept.append(f"the finished row parts in {out_dir}/METHOD/{distributed.ROWS_DIR}: rerun with --resume to continue")
     report = _compare_local(compare_local, source, _floats(eps, "--eps"), options, ray_options, out_dir,
                             f"loading {model} and {data_options.data}, checking the converted graph, resolving the bound…")

@@ -261,15 +261,26 @@ def test_the_attack_is_strong_enough_to_break_samples_beyond_their_radius(certif
 
 def test_onnx_and_torchscript_versions_give_identical_rows(trained_digits_model):
     _, onnx_path, torchscript_path = trained_digits_model
-    results = []
+    models, results = [], []
     for path in (onnx_path, torchscript_path):
         model = load(path, input_shape=SHAPE)
-        results.append(certify(model, "digits", [0.02, 0.05], bound=compute_bound(model)))
+        bound = compute_bound(model)
+        models.append((model, bound))
+        results.append(certify(model, "digits", [0.02, 0.05], bound=bound))
     a, b = (r.rows for r in results)
     for column in ("index", "label", "predicted", "correct", "bottom@0.02", "bottom@0.05", "certified@0.02", "certified@0.05"):
         np.testing.assert_array_equal(a[column], b[column], err_msg=column)
-    # float32 logits of two runtimes differ in the last bits; divided by K (~10²) that is < 1e-6 of radius
-    np.testing.assert_allclose(a["radius"], b["radius"], rtol=1e-5, atol=1e-6)
+    # The radii differ only by what each runtime's rounding allows: float32 logits differing in the last bits, and
+    # each model's rounding budget (raised to 4× the IR/native gap it measured on this machine: onnxruntime's and
+    # TorchScript's gaps differ), both divided by K.
+    (onnx_model, onnx_bound), (ts_model, ts_bound) = models
+    np.testing.assert_array_equal(onnx_bound.margin_matrix, ts_bound.margin_matrix)
+    k = np.asarray(onnx_bound.margin_matrix)
+    x = np.concatenate([batch.x for batch in open_dataset("digits").batches(512)])
+    largest = np.abs(np.asarray(onnx_model.runner(x), np.float64)).max(axis=1)
+    explained = (abs(onnx_model.rounding_rtol - ts_model.rounding_rtol) * (1 + largest) + np.abs(a["margin"] - b["margin"])
+                 + 1e-6 * np.abs(a["margin"])) / k[k > 0].min()
+    assert (np.abs(a["radius"] - b["radius"]) <= explained + 1e-12).all()
     assert results[0].summary["vra"] == results[1].summary["vra"]
 
 
