@@ -501,9 +501,10 @@ def _handler_installed(pid: int) -> bool:
 
 @pytest.mark.parametrize("name_of_signal", ["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("name", ["certify", "train"])
-def test_a_signal_while_torch_imports_exits_with_one_line_and_writes_nothing(inputs, tmp_path, name, name_of_signal):
+def test_a_signal_during_start_up_exits_with_one_line_and_writes_nothing(inputs, tmp_path, name, name_of_signal):
     """Ctrl-C during start-up printed a 21–25-line traceback; SIGTERM was not handled at all. The signal is sent
-    0.2 s after start and once the entry point has installed its handler (seen in /proc), while torch imports."""
+    10 ms after the entry point has installed its handler (seen in /proc), while the CLI imports: a fixed delay from
+    the start (0.2 s here before) raced the import, which cached bytecode makes shorter than that."""
     cmd = COMMANDS[name]
     signum, expected = SIGNALS[name_of_signal]
     work = tmp_path / "work"
@@ -516,7 +517,7 @@ def test_a_signal_while_torch_imports_exits_with_one_line_and_writes_nothing(inp
         try:
             while not _handler_installed(process.pid) and process.poll() is None and time.monotonic() - started < 30:
                 time.sleep(0.005)
-            time.sleep(max(0.0, 0.2 - (time.monotonic() - started)))
+            time.sleep(0.01)  # inside the CLI's import, which takes 0.1–0.3 s (cached bytecode or not)
             os.kill(process.pid, signum)
             code = process.wait(timeout=EXIT_WAIT)
         finally:
