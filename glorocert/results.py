@@ -93,20 +93,24 @@ def write_rows(path: str | os.PathLike, columns: Mapping[str, np.ndarray], schem
             pq.write_table(table, tmp)
             return
         names, rows = list(arrays), next(iter(lengths), 0)
-        numeric = all(a.dtype.kind in "biuf" for a in arrays.values())  # numbers need no quoting: one format per row
-        line = ",".join(["{}"] * len(names)) + "\n"
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
-            if suffix == ".csv":
-                writer.writerow(names)
-            for start in range(0, rows, _TEXT_CHUNK):  # as Python values one chunk at a time: 10⁸ rows never become 10⁹ objects
-                lists = [_python_values(a[start : start + _TEXT_CHUNK]) for a in arrays.values()]
-                if suffix != ".csv":
+            if suffix != ".csv":
+                def write(lists):
                     f.writelines(json.dumps(dict(zip(names, row))) + "\n" for row in zip(*lists))
-                elif numeric:
-                    f.writelines(map(line.format, *lists))
-                else:
-                    writer.writerows(zip(*lists))  # str(float) is the shortest exact repr
+            elif all(a.dtype.kind in "biuf" for a in arrays.values()):  # numbers need no quoting: one format per row
+                writer.writerow(names)
+                line = ",".join(["{}"] * len(names)) + "\n"
+
+                def write(lists):
+                    f.writelines(map(line.format, *lists))  # str(float) is the shortest exact repr
+            else:
+                writer.writerow(names)
+
+                def write(lists):
+                    writer.writerows(zip(*lists))
+            for start in range(0, rows, _TEXT_CHUNK):  # as Python values one chunk at a time: 10⁸ rows never become 10⁹ objects
+                write([_python_values(a[start : start + _TEXT_CHUNK]) for a in arrays.values()])
 
 
 _TEXT_CHUNK = 1 << 16
