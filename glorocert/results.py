@@ -100,10 +100,10 @@ def write_rows(path: str | os.PathLike, columns: Mapping[str, np.ndarray], schem
                     f.writelines(json.dumps(dict(zip(names, row))) + "\n" for row in zip(*lists))
             elif all(a.dtype.kind in "biuf" for a in arrays.values()):  # numbers need no quoting: one format per row
                 writer.writerow(names)
-                line = ",".join(["{}"] * len(names)) + "\n"
+                line = ",".join(["%s"] * len(names)) + "\n"
 
                 def write(lists):
-                    f.writelines(map(line.format, *lists))  # str(float) is the shortest exact repr
+                    f.writelines(map(line.__mod__, zip(*lists)))  # str(float) is the shortest exact repr; % beats format
             else:
                 writer.writerow(names)
 

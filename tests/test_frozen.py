@@ -123,9 +123,9 @@ def test_a_corrupt_bound_file_takes_the_full_path_which_says_why(monkeypatch, ca
     assert code == 2 and "checksum mismatch" in err
 
 
-def test_certify_on_the_fast_path_imports_neither_torch_nor_onnx_nor_ray(model, digits, tmp_path):
+def test_certify_on_the_fast_path_imports_neither_torch_nor_onnx_nor_ray_nor_pydantic(model, digits, tmp_path):
     script = ("import sys; from glorocert.launch import run; code = run(); "
-              "print('IMPORTED', sorted(m for m in ('torch', 'onnx', 'ray', 'pyarrow') if m in sys.modules), code)")
+              "print('IMPORTED', sorted(m for m in ('torch', 'onnx', 'ray', 'pyarrow', 'pydantic') if m in sys.modules), code)")
     out = subprocess.run([sys.executable, "-c", script, "certify", str(model), "--data", str(digits), "--out",
                           str(tmp_path / "rows.csv")], capture_output=True, text=True, timeout=120, check=False)
     assert "IMPORTED [] 0" in out.stdout, out.stdout + out.stderr
