@@ -217,6 +217,27 @@ def test_margin_estimate_is_differentiable_in_the_weights_only():
     assert all(not b.requires_grad for b in power.buffers())
 
 
+def test_one_image_conv_gradients_match_autograd_and_onednn_is_back_on_afterwards():
+    """The power-iteration operators run ATen's kernels (train/power.py _OneImageConv): same values and gradients
+    as F.conv2d's own autograd, in float64, and the oneDNN switch restored even when an op fails."""
+    from glorocert.train.power import _one_image_kernels, _OneImageConv
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: _OneImageConv.apply(a, w, (2, 2), (1, 1)), (x, weight))
+    mine = _OneImageConv.apply(x, weight, (2, 2), (1, 1))
+    reference = F.conv2d(x, weight, None, (2, 2), (1, 1))
+    torch.testing.assert_close(mine, reference)
+    g = torch.randn_like(mine)
+    torch.testing.assert_close(torch.autograd.grad(mine, (x, weight), g), torch.autograd.grad(reference, (x, weight), g))
+    enabled = torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError), _one_image_kernels():
+        assert not torch.backends.mkldnn.enabled
+        F.conv2d(x, weight[:, :1])  # wrong channel count
+    assert torch.backends.mkldnn.enabled == enabled
+
+
 def test_unknown_layers_are_refused_not_assumed_one_lipschitz():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
     with pytest.raises(GlorocertError, match="BatchNorm2d"):
@@ -253,6 +274,31 @@ def test_gloro_losses_never_use_bottom_as_a_label():
     # without a margin (ε = 0) TRADES' KL still sees the ⊥ logit = the runner-up
     trades.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_trades_closed_form_equals_the_divergence_it_replaces():
+    """gloro_trades computes KL(p ‖ q) as softplus(y_⊥ − LSE(y)); the explicit sum Σ p_i (log p_i − log q_i) over the
+    softmaxes of f and f̄ must give the same value and the same gradients (logits and K)."""
+    torch.manual_seed(1)
+    logits0 = torch.randn(64, 10, dtype=torch.float64) * 4
+    logits0[:4, 1] = logits0[:4, 0]  # ties: ⊥ is the runner-up's logit at ε = 0
+    labels = torch.randint(0, 10, (64,))
+    K0 = torch.rand(10, 10, dtype=torch.float64) * 5
+    K0 = (K0 + K0.T) * (1 - torch.eye(10, dtype=torch.float64))
+    for eps in (0.0, 0.3, 1.58):
+        results = []
+        for closed in (True, False):
+            logits, K = logits0.clone().requires_grad_(), K0.clone().requires_grad_()
+            if closed:
+                loss = losses.gloro_trades(logits, labels, K, eps, lam=2.0)
+            else:
+                log_p = F.log_softmax(logits, dim=1)
+                log_q = F.log_softmax(losses.gloro_logits(logits, K, eps), dim=1)[:, :-1]
+                loss = F.cross_entropy(logits, labels) + 2.0 * (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+            loss.backward()
+            results.append((loss.detach(), logits.grad, K.grad))
+        for closed, explicit in zip(*results):
+            torch.testing.assert_close(closed, explicit, rtol=1e-10, atol=1e-12)
 
 
 # -- schedules ---------------------------------------------------------------

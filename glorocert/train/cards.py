@@ -211,7 +211,7 @@ def _robust_training(c: TrainConfig, provenance: Provenance, spec: dict, n_val: 
            "crops of the GloRo (Leino et al., ICML 2021) and LiResNet (Hu et al., NeurIPS 2023) scripts"]
           if c.augment_shift else []),
         f"- Seed {c.seed}, deterministic mode {'on' if c.deterministic else 'off'} "
-        f"(bit-for-bit reproducible on CPU with the same torch version and thread count; "
+        f"(bit-for-bit reproducible on CPU with the same glorocert code, torch version and thread count; "
         f"this run: {threads} thread(s), e.g. `OMP_NUM_THREADS={threads}`)",
     ]
 
