@@ -149,6 +149,46 @@ def test_margin_matrix_with_final_linear_layer_is_used_by_certify(tmp_path):
         assert result.rows["radius"][row] <= expected * (1 + 1e-4) + 1e-9
 
 
+def test_reading_many_forward_batches_at_once_changes_no_row_and_no_forward_batch(tmp_path, monkeypatch):
+    """gloro reads about READ_BYTES at once (certify/pipeline.py read_size) but runs the model and the slope
+    check on ``batch_size`` samples at a time: the rows, the forward batches and the checked batches are those
+    of a read per forward batch."""
+    from glorocert.certify import pipeline
+
+    model = load(save_as(make_model("chain"), "onnx", tmp_path))
+    bound = compute_bound(model)
+    sizes, checked = [], []
+
+    class Counting:  # the model's runner, counting the samples of each call
+        def __init__(self, runner):
+            self.runner = runner
+
+        def __getattr__(self, name):
+            return getattr(self.runner, name)
+
+        def __call__(self, x):
+            sizes.append(len(x))
+            return self.runner(x)
+
+    model.runner = Counting(model.runner)
+    check = pipeline.SlopeCheck.__call__
+    monkeypatch.setattr(pipeline.SlopeCheck, "__call__", lambda self, batch, logits: checked.append(batch.index.copy())
+                        or check(self, batch, logits))
+    runs = []
+    for read_bytes in (1, pipeline.READ_BYTES):  # 1 byte: one forward batch per read, as before reads grew
+        monkeypatch.setattr(pipeline, "READ_BYTES", read_bytes)
+        sizes.clear(), checked.clear()
+        result = certify(model, "digits", [0.02, 0.05], bound=bound, batch_size=100)
+        runs.append((result.rows, list(sizes), [c.tolist() for c in checked]))
+    (one, one_sizes, one_checked), (many, many_sizes, many_checked) = runs
+    assert pipeline.read_size(open_dataset("digits"), 100) > 100  # the second run did read several batches at once
+    assert set(one) == set(many)
+    for column in one:
+        np.testing.assert_array_equal(one[column], many[column], err_msg=column)
+    assert one_sizes == many_sizes and max(many_sizes) == 100 and sum(many_sizes) == len(one["index"])
+    assert one_checked == many_checked
+
+
 # --------------------------------------------------------------------------- no certificate is broken
 
 
