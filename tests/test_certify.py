@@ -149,6 +149,19 @@ def test_margin_matrix_with_final_linear_layer_is_used_by_certify(tmp_path):
         assert result.rows["radius"][row] <= expected * (1 + 1e-4) + 1e-9
 
 
+class EditedRunner:
+    """A model's runner whose outputs pass through ``edit(x, logits)`` (its other attributes are the runner's)."""
+
+    def __init__(self, runner, edit):
+        self.runner, self.edit = runner, edit
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def __call__(self, x):
+        return self.edit(x, self.runner(x))
+
+
 def test_reading_many_forward_batches_at_once_changes_no_row_and_no_forward_batch(tmp_path, monkeypatch):
     """gloro reads about READ_BYTES at once (certify/pipeline.py read_size) but runs the model and the slope
     check on ``batch_size`` samples at a time: the rows, the forward batches and the checked batches are those
@@ -158,19 +171,7 @@ def test_reading_many_forward_batches_at_once_changes_no_row_and_no_forward_batc
     model = load(save_as(make_model("chain"), "onnx", tmp_path))
     bound = compute_bound(model)
     sizes, checked = [], []
-
-    class Counting:  # the model's runner, counting the samples of each call
-        def __init__(self, runner):
-            self.runner = runner
-
-        def __getattr__(self, name):
-            return getattr(self.runner, name)
-
-        def __call__(self, x):
-            sizes.append(len(x))
-            return self.runner(x)
-
-    model.runner = Counting(model.runner)
+    model.runner = EditedRunner(model.runner, lambda x, logits: sizes.append(len(x)) or logits)
     check = pipeline.SlopeCheck.__call__
     monkeypatch.setattr(pipeline.SlopeCheck, "__call__", lambda self, batch, logits: checked.append(batch.index.copy())
                         or check(self, batch, logits))
@@ -187,6 +188,28 @@ def test_reading_many_forward_batches_at_once_changes_no_row_and_no_forward_batc
         np.testing.assert_array_equal(one[column], many[column], err_msg=column)
     assert one_sizes == many_sizes and max(many_sizes) == 100 and sum(many_sizes) == len(one["index"])
     assert one_checked == many_checked
+
+
+def test_an_error_in_a_later_forward_batch_of_a_read_names_its_own_row(tmp_path):
+    """A read of several forward batches still reports the row at fault: a label out of range and a NaN logit in
+    the third forward batch of one read, each found and named before any row is computed."""
+    from glorocert.certify import pipeline
+
+    model = load(save_as(make_model("chain"), "onnx", tmp_path))
+    x = np.random.default_rng(0).random((300, *SHAPE), dtype=np.float32)
+    y = np.zeros(300, np.int64)
+    y[250] = 10
+    np.savez(tmp_path / "labels.npz", x=x, y=y)
+    data = open_dataset(tmp_path / "labels.npz")
+    assert pipeline.read_size(data, 100) >= 300  # one read: the faults lie in its third forward batch
+    with pytest.raises(GlorocertError, match=r"row 250 has label 10\b"):
+        certify(model, data, [0.1], batch_size=100)
+    y[250] = 0
+    np.savez(tmp_path / "labels.npz", x=x, y=y)
+    is_260 = lambda chunk: (chunk == x[260]).reshape(len(chunk), -1).all(axis=1)  # noqa: E731
+    model.runner = EditedRunner(model.runner, lambda chunk, logits: np.where(is_260(chunk)[:, None], np.nan, logits))
+    with pytest.raises(GlorocertError, match=r"NaN/inf on row 260\b"):
+        certify(model, open_dataset(tmp_path / "labels.npz"), [0.1], batch_size=100)
 
 
 # --------------------------------------------------------------------------- no certificate is broken

@@ -217,25 +217,41 @@ def test_margin_estimate_is_differentiable_in_the_weights_only():
     assert all(not b.requires_grad for b in power.buffers())
 
 
-def test_one_image_conv_gradients_match_autograd_and_onednn_is_back_on_afterwards():
-    """The power-iteration operators run ATen's kernels (train/power.py _OneImageConv): same values and gradients
-    as F.conv2d's own autograd, in float64, and the oneDNN switch restored even when an op fails."""
+def test_one_image_conv_matches_onednn_and_autograd_and_leaves_the_switches_as_they_were():
+    """The power-iteration operators run ATen's kernels (train/power.py _OneImageConv): the float32 values of
+    oneDNN's convolution, F.conv2d's own gradients (float64, gradcheck), and afterwards oneDNN's switch as it was
+    (on or off, also after a failing op) while its precision and determinism settings are never touched."""
     from glorocert.train.power import _one_image_kernels, _OneImageConv
 
     torch.manual_seed(0)
-    x = torch.randn(1, 2, 7, 7, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(4, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    x32, w32 = torch.randn(1, 2, 7, 7), torch.randn(4, 2, 4, 4)
+    torch.testing.assert_close(_OneImageConv.apply(x32, w32, (2, 2), (1, 1)), F.conv2d(x32, w32, None, (2, 2), (1, 1)))
+    x = x32.double().requires_grad_()
+    weight = w32.double().requires_grad_()
     assert torch.autograd.gradcheck(lambda a, w: _OneImageConv.apply(a, w, (2, 2), (1, 1)), (x, weight))
     mine = _OneImageConv.apply(x, weight, (2, 2), (1, 1))
     reference = F.conv2d(x, weight, None, (2, 2), (1, 1))
-    torch.testing.assert_close(mine, reference)
     g = torch.randn_like(mine)
     torch.testing.assert_close(torch.autograd.grad(mine, (x, weight), g), torch.autograd.grad(reference, (x, weight), g))
-    enabled = torch.backends.mkldnn.enabled
-    with pytest.raises(RuntimeError), _one_image_kernels():
-        assert not torch.backends.mkldnn.enabled
-        F.conv2d(x, weight[:, :1])  # wrong channel count
-    assert torch.backends.mkldnn.enabled == enabled
+    cpu = torch.device("cpu")
+    enabled, precision = torch.backends.mkldnn.enabled, torch.backends.fp32_precision
+    try:
+        for start in (True, False):
+            torch.backends.mkldnn.enabled = start
+            with pytest.raises(RuntimeError), _one_image_kernels(cpu):
+                assert not torch.backends.mkldnn.enabled
+                F.conv2d(x, weight[:, :1])  # wrong channel count
+            assert torch.backends.mkldnn.enabled == start
+        torch.backends.mkldnn.enabled = True
+        deterministic = torch.backends.mkldnn.deterministic
+        torch.backends.fp32_precision = "tf32"
+        with _one_image_kernels(cpu):
+            pass
+        torch.backends.fp32_precision = "ieee"  # oneDNN's convolutions inherit it still: nothing was pinned
+        assert torch.backends.mkldnn.conv.fp32_precision == "ieee"
+        assert torch.backends.mkldnn.deterministic == deterministic
+    finally:
+        torch.backends.mkldnn.enabled, torch.backends.fp32_precision = enabled, precision
 
 
 def test_unknown_layers_are_refused_not_assumed_one_lipschitz():
@@ -281,7 +297,8 @@ def test_trades_closed_form_equals_the_divergence_it_replaces():
     softmaxes of f and f̄ must give the same value and the same gradients (logits and K)."""
     torch.manual_seed(1)
     logits0 = torch.randn(64, 10, dtype=torch.float64) * 4
-    logits0[:4, 1] = logits0[:4, 0]  # ties: ⊥ is the runner-up's logit at ε = 0
+    top = logits0.argmax(dim=1)
+    logits0[:8, (top[:8] + 1) % 10] = logits0[:8].amax(dim=1)  # tied top logits: argmax and max pick among equals
     labels = torch.randint(0, 10, (64,))
     K0 = torch.rand(10, 10, dtype=torch.float64) * 5
     K0 = (K0 + K0.T) * (1 - torch.eye(10, dtype=torch.float64))

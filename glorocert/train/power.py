@@ -38,19 +38,24 @@ _LINEAR = (nn.Conv2d, nn.Linear, Residual)
 
 
 @contextmanager
-def _one_image_kernels():
-    """ATen's own convolution kernels instead of oneDNN's, for the one-image operators of power iteration.
+def _one_image_kernels(device: torch.device):
+    """ATen's own convolution kernels instead of oneDNN's, for the one-image operators of power iteration (CPU).
 
-    oneDNN's per-call set-up (weight reorders, the weights change every step) costs several times a one-image
-    convolution: on 2C2F's first layer ≈ 80 µs forward and 340 µs forward + weight gradient, against 15 µs and
-    180 µs with ATen's kernels, and a step runs three such ops per conv layer. The batched forward pass of the
-    net itself keeps oneDNN (twice as fast there).
+    oneDNN's per-call set-up (weight reorders; the weights change every step) costs more than a one-image
+    convolution: on 2C2F's first layer ≈ 80 µs against 15 µs forward (weight gradient included: 340 against
+    180 µs in one measurement, level in another), and a step runs three such ops per conv layer; interleaved
+    against oneDNN, GloRo steps took 0.3–1.1 ms less. The batched forward pass of the net keeps oneDNN (twice
+    as fast there). Only the on/off switch is touched and restored (not oneDNN's precision or determinism);
+    it is process-wide, so the power iteration must not run in two threads at once (it never does).
     """
-    previous = torch.backends.mkldnn.set_flags(False)
+    if device.type != "cpu":
+        yield
+        return
+    enabled = torch.backends.mkldnn.set_flags(False, _fp32_precision=None)[0]
     try:
         yield
     finally:
-        torch.backends.mkldnn.set_flags(*previous)
+        torch.backends.mkldnn.set_flags(enabled, _fp32_precision=None)
 
 
 class _OneImageConv(torch.autograd.Function):
@@ -60,14 +65,14 @@ class _OneImageConv(torch.autograd.Function):
     def forward(ctx, x, weight, stride, padding):
         ctx.save_for_backward(x, weight)
         ctx.stride, ctx.padding = stride, padding
-        with _one_image_kernels():
+        with _one_image_kernels(x.device):
             return F.conv2d(x, weight, None, stride, padding)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = None
-        with _one_image_kernels():
+        with _one_image_kernels(x.device):
             if ctx.needs_input_grad[0]:
                 grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, ctx.stride, ctx.padding)
             if ctx.needs_input_grad[1]:
@@ -146,7 +151,7 @@ class PowerIteration(nn.Module):
             return F.linear(y, module.weight.t())
         if isinstance(module, Residual):  # (I + W)ᵀ = I + Wᵀ; stride 1 and 'same' padding need no output_padding
             conv = module.conv
-            with _one_image_kernels():
+            with _one_image_kernels(y.device):
                 return y + F.conv_transpose2d(y, conv.weight, None, conv.stride, conv.padding)
         _, _, height, width = self.input_shapes[index]
         kh, kw = module.kernel_size
@@ -155,7 +160,7 @@ class PowerIteration(nn.Module):
         out_h = (y.shape[2] - 1) * sh - 2 * ph + kh
         out_w = (y.shape[3] - 1) * sw - 2 * pw + kw
         output_padding = (height - out_h, width - out_w)
-        with _one_image_kernels():
+        with _one_image_kernels(y.device):
             return F.conv_transpose2d(y, module.weight, None, module.stride, module.padding, output_padding)
 
     # -- iterating ------------------------------------------------------------
