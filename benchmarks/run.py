@@ -384,50 +384,54 @@ def bench_train(rounds: int = 2, epochs: int = 4) -> None:
     console.print(table)
 
 
+def _trainer_step(config, model, x, y):
+    """One optimisation step exactly as the trainer takes it after the warm-up: the objective's loss (its
+    power-iteration step included), backward, Adam; the iterates converged first, as after an evaluation."""
+    from glorocert.train.objectives import make_objective
+
+    spec = {"input_shape": list(x.shape[1:]), "num_classes": 10}
+    objective = make_objective(config, model, spec, steps_per_epoch=1)
+    if hasattr(objective, "power"):
+        objective.power.converge()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    step = config.epochs  # the last step: past any warm-up, the full ε and λ
+
+    def run():
+        optimizer.zero_grad()
+        objective.loss(model, x, y, step).backward()
+        optimizer.step()
+    return run
+
+
 def bench_train_steps(rounds: int = 20, kw_rounds: int = 3, batch: int = 50) -> None:
     """Seconds per optimisation step for each training objective on one batch of mnist-5k (2C2F ReLU, 28×28),
-    interleaved, as a ratio to plain cross-entropy (the loop's step: power-iteration step, loss, backward, Adam)."""
-    from glorocert.train import local_losses, losses
+    interleaved, as a ratio to plain cross-entropy (the trainer's step: power-iteration step, loss, backward, Adam)."""
+    from glorocert.train import RobustSettings, TrainConfig
     from glorocert.train.datasets import load_training_data
-    from glorocert.train.power import PowerIteration
 
     data = load_training_data("mnist-5k")
     x, y = data.x_train[:batch], data.y_train[:batch]
     torch.manual_seed(0)
     model = build({"arch": "2c2f", "activation": "relu", "input_shape": [1, 28, 28], "num_classes": 10})
-    power = PowerIteration(model, (1, 28, 28))
-    power.converge()
-    graph = local_losses.live_graph(model, (1, 28, 28))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    def loss_of(method):
-        logits = model(x)
-        if method == "ce":
-            return losses.cross_entropy(logits, y)
-        if method == "gloro-trades":
-            return losses.gloro_trades(logits, y, power.margin_lipschitz(), 0.45, 2.0)
-        if method == "emma":
-            return losses.emma(logits, y, power.margin_lipschitz(), 0.45)
-        return local_losses.mixed_loss(logits, y, local_losses.lower_bounds(method, graph, power, x, y, 1.58), 0.5)
-
-    methods = ("ce", "gloro-trades", "emma", "bcp", "kw")
-    times = {m: [] for m in methods}
+    configs = {"ce": TrainConfig(robust=RobustSettings(loss="ce")),
+               "gloro-trades": TrainConfig(robust=RobustSettings(loss="trades", eps=0.3, train_eps=0.45, lam=2.0)),
+               "emma": TrainConfig(robust=RobustSettings(loss="emma", eps=0.3, train_eps=0.45)),
+               "bcp": TrainConfig(method="bcp", robust=RobustSettings(eps=1.58, lam=0.5)),
+               "kw": TrainConfig(method="kw", robust=RobustSettings(eps=1.58, lam=0.5))}
+    steps = {method: _trainer_step(config, model, x, y) for method, config in configs.items()}
+    times = {m: [] for m in steps}
     for round_ in range(rounds):
-        for method in methods:
+        for method, step in steps.items():
             if method == "kw" and round_ >= kw_rounds:  # seconds per step: a few rounds tell
                 continue
             t0 = time.perf_counter()
-            if method != "ce":  # plain CE does not use the iterates (nor does the trainer advance them for it)
-                power.step(1)
-            optimizer.zero_grad()
-            loss_of(method).backward()
-            optimizer.step()
+            step()
             times[method].append(time.perf_counter() - t0)
     table = Table(title=f"training step on mnist-5k, 2C2F ReLU, batch {batch} (median of {rounds}, KW {kw_rounds}; interleaved)")
     for col in ("objective", "s/step", "× CE"):
         table.add_column(col)
     base = statistics.median(times["ce"])
-    for method in methods:
+    for method in steps:
         t = statistics.median(times[method])
         table.add_row(method, f"{t:.4f}", f"{t / base:.2f}×")
     console.print(table)
@@ -437,8 +441,7 @@ def bench_train_steps(rounds: int = 20, kw_rounds: int = 3, batch: int = 50) -> 
 def _bench_gloro_steps(data, rounds: int = 10, batch: int = 256) -> None:
     """The trainer's step (power-iteration step unless CE, loss, backward, Adam) at the training batch size, GloRo
     losses vs plain CE on the same batch, interleaved step by step (robust to other load on the machine)."""
-    from glorocert.train import losses
-    from glorocert.train.power import PowerIteration
+    from glorocert.train import RobustSettings, TrainConfig
 
     x, y = data.x_train[:batch], data.y_train[:batch]
     nets = [("2C2F ReLU", dict(arch="2c2f", activation="relu")), ("2C2F MinMax", dict(arch="2c2f", activation="minmax")),
@@ -449,21 +452,14 @@ def _bench_gloro_steps(data, rounds: int = 10, batch: int = 256) -> None:
     for name, net in nets:
         torch.manual_seed(0)
         model = build({**net, "input_shape": [1, 28, 28], "num_classes": 10})
-        power = PowerIteration(model, (1, 28, 28))
-        power.converge()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        loss_of = {"ce": lambda: losses.cross_entropy(model(x), y),
-                   "trades": lambda: losses.gloro_trades(model(x), y, power.margin_lipschitz(), 0.45, 2.0),
-                   "emma": lambda: losses.emma(model(x), y, power.margin_lipschitz(), 0.45)}
-        times = {m: [] for m in loss_of}
+        settings = {"ce": RobustSettings(loss="ce"), "trades": RobustSettings(loss="trades", eps=0.3, train_eps=0.45, lam=2.0),
+                    "emma": RobustSettings(loss="emma", eps=0.3, train_eps=0.45)}
+        steps = {loss: _trainer_step(TrainConfig(**net, robust=robust), model, x, y) for loss, robust in settings.items()}
+        times = {m: [] for m in steps}
         for _ in range(rounds):
-            for method, loss in loss_of.items():
+            for method, step in steps.items():
                 t0 = time.perf_counter()
-                if method != "ce":
-                    power.step(1)
-                optimizer.zero_grad()
-                loss().backward()
-                optimizer.step()
+                step()
                 times[method].append(time.perf_counter() - t0)
         ce, trades, emma = (statistics.median(times[m]) for m in ("ce", "trades", "emma"))
         table.add_row(name, f"{ce:.4f}", f"{trades:.4f}", f"{trades / ce:.3f}×", f"{emma:.4f}", f"{emma / ce:.3f}×")

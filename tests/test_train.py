@@ -217,6 +217,57 @@ def test_margin_estimate_is_differentiable_in_the_weights_only():
     assert all(not b.requires_grad for b in power.buffers())
 
 
+@pytest.mark.parametrize("iterations", [0, 1, 3])
+@pytest.mark.parametrize("net", ["tiny", "liresnet"])
+def test_a_training_steps_estimates_are_those_before_its_last_advance_and_it_advances_as_step(net, iterations):
+    """PowerIteration.step_estimates (the trainer's step) reuses W x of its estimates as half of its last advance:
+    estimates, their gradients in every weight and the iterates after it must equal those of step(k − 1),
+    layer_estimates(), step(1) — the same advances, one operator fewer. iterations = 0 advances nothing."""
+    if net == "tiny":
+        model, shape = tiny_net(), (2, 7, 7)
+    else:
+        torch.manual_seed(0)
+        model, shape = build({"arch": "liresnet", "depth": 2, "width": 4, "activation": "minmax",
+                              "input_shape": [1, 8, 8], "num_classes": 3}), (1, 8, 8)
+    reference, fused = PowerIteration(model, shape, seed=1), PowerIteration(model, shape, seed=1)
+    weights = torch.linspace(1.0, 2.0, len(reference.layer_indices))
+
+    def gradients(estimates):
+        model.zero_grad()
+        (estimates * weights).sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    reference.step(max(iterations - 1, 0))
+    expected = reference.layer_estimates()
+    expected_gradients = gradients(expected)
+    reference.step(min(iterations, 1))
+    got = fused.step_estimates(iterations)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    got_gradients = gradients(got)
+    assert len(got_gradients) == len(expected_gradients) > 0
+    for mine, theirs in zip(got_gradients, expected_gradients):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+    for index in reference.layer_indices:
+        torch.testing.assert_close(fused.iterate(index), reference.iterate(index), rtol=1e-5, atol=1e-7)
+    assert all(not b.requires_grad for b in fused.buffers())
+
+
+@pytest.mark.parametrize("classes", [3, 30])  # torch's cdist switches to a matmul form beyond 25 rows unless told not to
+def test_margin_matrix_is_the_row_distances_times_the_earlier_estimates_with_an_exact_zero_diagonal(classes):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, classes))
+    power = PowerIteration(model, (5,))
+    estimates = torch.tensor([1.7, 0.0], requires_grad=True)  # the last layer's own estimate is not used
+    K = power.margin_matrix(estimates)
+    weight = model[2].weight.detach().double()
+    expected = torch.linalg.vector_norm(weight[:, None, :] - weight[None, :, :], dim=-1) * 1.7
+    torch.testing.assert_close(K.double(), expected, rtol=1e-6, atol=0)
+    assert torch.all(torch.diagonal(K) == 0)
+    K.sum().backward()
+    assert torch.isfinite(model[2].weight.grad).all() and torch.isfinite(estimates.grad).all()
+    torch.testing.assert_close(estimates.grad[0].double(), expected.sum() / 1.7, rtol=1e-6, atol=0)
+
+
 def test_one_image_conv_matches_onednn_and_autograd_and_leaves_the_switches_as_they_were():
     """The power-iteration operators run ATen's kernels (train/power.py _OneImageConv): the float32 values of
     oneDNN's convolution, F.conv2d's own gradients (float64, gradcheck), and afterwards oneDNN's switch as it was

@@ -73,11 +73,13 @@ def check_supported(method: str, graph: Graph) -> None:
 
 
 def lower_bounds(method: str, graph: Graph, power: PowerIteration, x: torch.Tensor, labels: torch.Tensor,
-                 eps: float) -> torch.Tensor:
-    """(N, C) differentiable lower bounds m_i on the worst margins (+inf at the label)."""
+                 eps: float, estimates: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, C) differentiable lower bounds m_i on the worst margins (+inf at the label); BCP's layer norms are
+    ``estimates`` (a training step's), by default those of the current iterates."""
     if method == "kw":
         return kw.training_lower_bounds(graph, x, labels, eps)
-    estimates = power.layer_estimates()
+    if estimates is None:
+        estimates = power.layer_estimates()
     position = {index: k for k, index in enumerate(power.layer_indices)}
 
     def block_norm(block):
@@ -87,7 +89,7 @@ def lower_bounds(method: str, graph: Graph, power: PowerIteration, x: torch.Tens
                 norm = norm * estimates[position[int(node.name)]]
         return norm
 
-    return bcp.training_lower_bounds(graph, x, labels, eps, block_norm=block_norm, margin=power.margin_lipschitz())
+    return bcp.training_lower_bounds(graph, x, labels, eps, block_norm=block_norm, margin=power.margin_matrix(estimates))
 
 
 def robust_cross_entropy(lower: torch.Tensor) -> torch.Tensor:

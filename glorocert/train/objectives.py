@@ -107,14 +107,18 @@ class RobustObjective(Objective):
         robust = s.loss != "ce" and step > self.warmup_steps
         self.train_eps = self.eps_schedule.ramp(progress, s.train_eps) if robust else 0.0
         self.lam = self.lam_schedule.ramp(progress, s.lam) if robust and self.ramps_lam else 0.0
-        if s.loss != "ce":  # plain CE never reads the iterates (they are converged from where they are to evaluate)
+        if robust:
+            estimates = self.power.step_estimates(s.power_iterations)
+        elif s.loss != "ce":  # warm-up; plain CE never reads the iterates (they are converged from where they are to evaluate)
             self.power.step(s.power_iterations)
         logits = model(x)
         if not robust:
             return losses.cross_entropy(logits, y)
-        return self.robust_loss(logits, x, y)
+        return self.robust_loss(logits, x, y, estimates)
 
-    def robust_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def robust_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, estimates: torch.Tensor) -> torch.Tensor:
+        """The loss of a step after the warm-up; ``estimates``: the layers' differentiable norm estimates
+        (:meth:`~glorocert.train.power.PowerIteration.step_estimates`)."""
         raise NotImplementedError
 
     def metrics(self, model, margin: torch.Tensor, x_val, y_val, final: bool) -> dict[str, float]:
@@ -157,13 +161,13 @@ class GloroObjective(RobustObjective):
         super().__init__(config, model, spec, steps_per_epoch)
         self.ramps_lam = self.settings.loss == "trades"
 
-    def robust_loss(self, logits, x, y):
-        s = self.settings
+    def robust_loss(self, logits, x, y, estimates):
+        s, margin = self.settings, self.power.margin_matrix(estimates)
         if s.loss == "gloro":
-            return losses.gloro_cross_entropy(logits, y, self.power.margin_lipschitz(), self.train_eps)
+            return losses.gloro_cross_entropy(logits, y, margin, self.train_eps)
         if s.loss == "emma":
-            return losses.emma(logits, y, self.power.margin_lipschitz(), self.train_eps)
-        return losses.gloro_trades(logits, y, self.power.margin_lipschitz(), self.train_eps, self.lam)
+            return losses.emma(logits, y, margin, self.train_eps)
+        return losses.gloro_trades(logits, y, margin, self.train_eps, self.lam)
 
     def metrics(self, model, margin, x_val, y_val, final):
         return evaluate(model, margin, x_val, y_val, self.settings.eps, self.config.eval_batch_size)
@@ -180,8 +184,8 @@ class LocalObjective(RobustObjective):
         local_losses.check_supported(config.method, self.graph)
         super().__init__(config, model, spec, steps_per_epoch)
 
-    def robust_loss(self, logits, x, y):
-        lower = local_losses.lower_bounds(self.config.method, self.graph, self.power, x, y, self.train_eps)
+    def robust_loss(self, logits, x, y, estimates):
+        lower = local_losses.lower_bounds(self.config.method, self.graph, self.power, x, y, self.train_eps, estimates)
         return local_losses.mixed_loss(logits, y, lower, self.lam)
 
     def metrics(self, model, margin, x_val, y_val, final):

@@ -23,6 +23,7 @@ is computed after training by :mod:`glorocert.lipschitz`, never from here.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -170,7 +171,7 @@ class PowerIteration(nn.Module):
         x = self.iterate(index)
         v = self._transpose_operator(index, self._forward_operator(index, x) if image is None else image)
         norm = v.norm()
-        if norm > 0 and torch.isfinite(norm):
+        if 0 < float(norm) < math.inf:  # one read of the scalar (NaN fails too)
             x.copy_(v / norm)  # plain norm: no epsilon (see module docstring)
         # else: W x = 0 for this x (e.g. W = 0); keep x — the estimate is then 0.
 
@@ -180,6 +181,24 @@ class PowerIteration(nn.Module):
         for _ in range(int(iterations)):
             for index in self.layer_indices:
                 self._iterate_once(index)
+
+    def step_estimates(self, iterations: int = 1) -> torch.Tensor:
+        """A training step's power iteration: the differentiable estimates ``‖W x‖`` of the iterates ``x`` the
+        last of ``iterations`` advances starts from (as :meth:`layer_estimates`), and the advances.
+
+        The last advance reuses each image ``W x`` of the estimates (detached) as the first half of its step, so
+        a training step runs one one-image operator per layer fewer than :meth:`step` then
+        :meth:`layer_estimates` (≈ 0.5 ms of a 2C2F step on one CPU thread). The estimate lags the iterate by
+        one advance; both approach the same σ_max from below.
+        """
+        self.step(max(int(iterations) - 1, 0))
+        values = []
+        for index in self.layer_indices:
+            image = self._forward_operator(index, self.iterate(index).clone())  # the graph keeps x; it is overwritten below
+            values.append(image.norm())
+            if iterations > 0:
+                self._iterate_once(index, image.detach())
+        return torch.stack(values)
 
     def layer_estimates(self) -> torch.Tensor:
         """Differentiable estimates ``‖W x‖`` per layer (gradient flows through W, not x).
@@ -219,20 +238,20 @@ class PowerIteration(nn.Module):
 
     # -- what the loss needs --------------------------------------------------
     def margin_lipschitz(self) -> torch.Tensor:
-        """Estimated margin matrix ``K[j, i]`` ≈ Lipschitz constant of ``y_j − y_i`` (C×C, differentiable).
+        """Estimated margin matrix ``K[j, i]`` ≈ Lipschitz constant of ``y_j − y_i`` (C×C, differentiable), from
+        the current iterates: :meth:`margin_matrix` of :meth:`layer_estimates`."""
+        return self.margin_matrix(self.layer_estimates())
 
-        ``K[j, i] = ‖W_last[j] − W_last[i]‖₂ · ∏ (earlier layers' estimates)``;
-        the diagonal is 0. The last layer's bias does not matter. An estimate,
-        not a bound: see the module docstring.
+    def margin_matrix(self, estimates: torch.Tensor) -> torch.Tensor:
+        """``K[j, i] = ‖W_last[j] − W_last[i]‖₂ · ∏ (earlier layers' estimates)`` from the per-layer ``estimates``;
+        the diagonal is exactly 0. The last layer's bias does not matter. An estimate, not a bound: see the
+        module docstring.
         """
-        estimates = self.layer_estimates()
         penultimate = torch.prod(estimates[:-1]) if len(estimates) > 1 else estimates.new_ones(())
         weight = self._module(self.layer_indices[-1]).weight
-        diff = weight[:, None, :] - weight[None, :, :]
-        eye = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
-        # sqrt(sum + eye) keeps the gradient finite on the (masked-out) diagonal only.
-        row_distance = torch.sqrt((diff * diff).sum(-1) + eye) * (1 - eye)
-        return row_distance * penultimate
+        # cdist's direct mode: an exact 0 diagonal with a zero (not NaN) gradient, in one op (the mm mode that
+        # torch picks for more than 25 classes rounds the diagonal off zero)
+        return torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist") * penultimate
 
     def lipschitz_estimate(self) -> float:
         """Product of the per-layer estimates: an estimate of the whole network's constant."""
