@@ -252,6 +252,40 @@ def test_a_training_steps_estimates_are_those_before_its_last_advance_and_it_adv
     assert all(not b.requires_grad for b in fused.buffers())
 
 
+@pytest.mark.parametrize("method,loss", [("gloro", "trades"), ("gloro", "emma"), ("bcp", "gloro")])
+def test_the_objectives_step_takes_its_estimates_before_the_advance_and_only_the_warm_up_advances_alone(method, loss):
+    """The trainer's loss after the warm-up is the loss at the estimates of the iterates before the step's last
+    advance (PowerIteration.step_estimates), not after it; during the warm-up the iterates advance unused."""
+    from glorocert.train import local_losses
+    from glorocert.train.objectives import make_objective
+
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    spec = {"input_shape": [1, 8, 8], "num_classes": 3}
+    activation = "minmax" if method == "gloro" else "relu"
+    model = build({"arch": "2c2f", "activation": activation, **spec})
+    config = TrainConfig(method=method, activation=activation, epochs=3,
+                         robust=RobustSettings(loss=loss, eps=0.3, lam=0.5, power_iterations=2, warmup_epochs=1))
+    mine, reference = make_objective(config, model, spec, 1), make_objective(config, model, spec, 1)
+    mine.loss(model, x, y, 1)  # warm-up: plain cross-entropy, the iterates advance
+    reference.power.step(2)
+    got = mine.loss(model, x, y, 2)
+    reference.power.step(1)
+    estimates = reference.power.layer_estimates()
+    logits, eps, lam = model(x), mine.train_eps, mine.lam
+    assert eps > 0
+    if method == "bcp":
+        lower = local_losses.lower_bounds(method, reference.graph, reference.power, x, y, eps, estimates)
+        expected = local_losses.mixed_loss(logits, y, lower, lam)
+    else:
+        K = reference.power.margin_matrix(estimates)
+        expected = losses.gloro_trades(logits, y, K, eps, lam) if loss == "trades" else losses.emma(logits, y, K, eps)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    reference.power.step(1)
+    for index in mine.power.layer_indices:
+        torch.testing.assert_close(mine.power.iterate(index), reference.power.iterate(index), rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("classes", [3, 30])  # torch's cdist switches to a matmul form beyond 25 rows unless told not to
 def test_margin_matrix_is_the_row_distances_times_the_earlier_estimates_with_an_exact_zero_diagonal(classes):
     torch.manual_seed(0)
@@ -263,9 +297,14 @@ def test_margin_matrix_is_the_row_distances_times_the_earlier_estimates_with_an_
     expected = torch.linalg.vector_norm(weight[:, None, :] - weight[None, :, :], dim=-1) * 1.7
     torch.testing.assert_close(K.double(), expected, rtol=1e-6, atol=0)
     assert torch.all(torch.diagonal(K) == 0)
+    torch.testing.assert_close(K, K.T, rtol=0, atol=0)
     K.sum().backward()
     assert torch.isfinite(model[2].weight.grad).all() and torch.isfinite(estimates.grad).all()
     torch.testing.assert_close(estimates.grad[0].double(), expected.sum() / 1.7, rtol=1e-6, atol=0)
+    w = model[2].weight.detach().double().requires_grad_()  # the gradient of Σ ‖w_j − w_i‖, off the diagonal
+    distance = ((w[:, None, :] - w[None, :, :]) ** 2).sum(-1) + torch.eye(classes, dtype=torch.float64)
+    (torch.sqrt(distance) * (1 - torch.eye(classes, dtype=torch.float64)) * 1.7).sum().backward()
+    torch.testing.assert_close(model[2].weight.grad.double(), w.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_one_image_conv_matches_onednn_and_autograd_and_leaves_the_switches_as_they_were():

@@ -5,10 +5,10 @@ objectives, and ``method="gaussian"|"macer"`` trains randomized-smoothing
 base models — each an :class:`~glorocert.train.objectives.Objective` that the
 same loop drives. :func:`train` does what the paper's scripts do, on tensors:
 
-* every step: the objective's loss on the batch (GloRo: advance each layer's
-  power-iteration iterate, estimate the margin matrix ``K`` differentiably and
-  take the GloRo loss at the scheduled training ε and TRADES λ), Adam at the
-  scheduled LR;
+* every step: the objective's loss on the batch (GloRo: estimate the margin
+  matrix ``K`` differentiably from each layer's power-iteration iterate, advance
+  the iterates, and take the GloRo loss at the scheduled training ε and TRADES
+  λ), Adam at the scheduled LR;
 * every ``eval_every`` epochs and after the last: the objective's held-out
   figures (GloRo: iterates run to convergence, warm-started from the training
   iterates, clean accuracy and VRA at the *test* ε); on the other epochs none

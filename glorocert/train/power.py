@@ -191,7 +191,8 @@ class PowerIteration(nn.Module):
         :meth:`layer_estimates` (≈ 0.5 ms of a 2C2F step on one CPU thread). The estimate lags the iterate by
         one advance; both approach the same σ_max from below.
         """
-        self.step(max(int(iterations) - 1, 0))
+        iterations = int(iterations)
+        self.step(max(iterations - 1, 0))
         values = []
         for index in self.layer_indices:
             image = self._forward_operator(index, self.iterate(index).clone())  # the graph keeps x; it is overwritten below
