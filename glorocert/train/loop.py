@@ -44,7 +44,7 @@ from glorocert.train.objectives import Objective, make_objective, objective_clas
 from glorocert.train.outputs import write_outputs
 from glorocert.train.records import EpochRecord, TrainProgress, TrainResult, notify
 from glorocert.train.schedules import parse_schedule
-from glorocert.train.state import check_out_dir, end_epoch, open_run
+from glorocert.train.state import HistoryText, check_out_dir, end_epoch, open_run
 from glorocert.zoo import RESIDUAL_ARCHITECTURES, build, validate_spec
 
 
@@ -123,6 +123,7 @@ class _Run:
             notify(self.progress, "on_message", f"resuming {out} after epoch {resumed.epochs_done}")
             notify(self.progress, "on_saved", out, resumed.epochs_done)
         history, seconds = resumed.history, resumed.seconds
+        text = HistoryText(self.objective.log_columns)  # each epoch's row formatted once, not once per later epoch
         notify(self.progress, "on_start", config.epochs, self.steps_per_epoch, resumed.epochs_done)
         for epoch in range(resumed.epochs_done, config.epochs):
             record = self._epoch(epoch)
@@ -130,7 +131,7 @@ class _Run:
             seconds += record.seconds
             if out is not None:
                 end_epoch(out, model, self.optimizer, self.objective, config, self.spec, history, seconds,
-                          on_saved=lambda: notify(self.progress, "on_saved", out, len(history)))
+                          on_saved=lambda: notify(self.progress, "on_saved", out, len(history)), text=text)
             notify(self.progress, "on_epoch", record)
         result = TrainResult(model=model, spec=self.spec, config=config, history=history, seconds=seconds,
                              **self.objective.finish(model, self.x_val, self.y_val))
