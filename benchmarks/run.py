@@ -465,10 +465,59 @@ def _bench_gloro_steps(data, rounds: int = 10, batch: int = 256) -> None:
         table.add_row(name, f"{ce:.4f}", f"{trades:.4f}", f"{trades / ce:.3f}×", f"{emma:.4f}", f"{emma / ce:.3f}×")
     console.print(table)
 
+def bench_checkpoint(lengths: tuple[int, ...] = (10, 1000, 10_000), repeats: int = 5) -> None:
+    """Seconds per epoch of the trainer's checkpoint (log.csv and the resume state, train/state.py end_epoch) on a
+    2C2F, by the length of the history so far: the run's HistoryText (each epoch formatted once) against
+    formatting the whole history anew every epoch (as before), interleaved."""
+    import shutil
+    import tempfile
+
+    from glorocert.train import RobustSettings, TrainConfig
+    from glorocert.train.objectives import make_objective
+    from glorocert.train.records import EpochRecord
+    from glorocert.train.state import HistoryText, end_epoch
+
+    spec = {"arch": "2c2f", "activation": "minmax", "input_shape": [1, 28, 28], "num_classes": 10}
+    model = build(spec)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.rand(2, 1, 28, 28)).sum().backward()
+    optimizer.step()  # Adam's state exists, as after any epoch
+    config = TrainConfig(arch="2c2f", activation="minmax", robust=RobustSettings(loss="trades"))
+    objective = make_objective(config, model, spec, 16)
+
+    def record(epoch):
+        return EpochRecord(epoch=epoch, loss=1.2345678, lr=1e-3, seconds=0.5, clean_acc=None, vra=None, bottom_rate=None,
+                           train_eps=1.75, lam=1.5, lipschitz_estimate=None)
+
+    table = Table(title=f"checkpoint after an epoch, 2C2F (median of {repeats}, interleaved)")
+    for col in ("epochs of history", "formatted once s", "all formatted anew s", "ratio"):
+        table.add_column(col)
+    with tempfile.TemporaryDirectory() as tmp:
+        for length in lengths:
+            history = [record(e) for e in range(1, length + 1)]
+            text = HistoryText(objective.log_columns)
+            text.extend(history)
+            times = {"once": [], "anew": []}
+            for _ in range(repeats):
+                for mode in times:
+                    history.append(record(len(history) + 1))
+                    out = Path(tmp) / mode
+                    shutil.rmtree(out, ignore_errors=True)
+                    out.mkdir()
+                    t0 = time.perf_counter()
+                    end_epoch(out, model, optimizer, objective, config, spec, history, 1.0,
+                              text=text if mode == "once" else None)
+                    times[mode].append(time.perf_counter() - t0)
+            once, anew = statistics.median(times["once"]), statistics.median(times["anew"])
+            table.add_row(f"{length:,}", f"{once:.4f}", f"{anew:.4f}", f"{anew / once:.1f}×")
+    console.print(table)
+
+
 from ray_bench import bench_ray  # noqa: E402  (benchmarks/ray_bench.py: --ray against in process)
 
 SECTIONS = {"bounds": bench_bounds, "brackets": bench_bound_brackets, "certify": bench_certify, "process": bench_process, "local": bench_local,
-            "smoothing": bench_smoothing, "train": bench_train, "train-steps": bench_train_steps, "ray": bench_ray}
+            "smoothing": bench_smoothing, "train": bench_train, "train-steps": bench_train_steps, "checkpoint": bench_checkpoint,
+            "ray": bench_ray}
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_rss"]:
