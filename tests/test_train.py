@@ -269,12 +269,15 @@ def test_each_epochs_log_row_and_history_entry_are_formatted_once_and_the_files_
     ]
 
 
+@pytest.mark.parametrize("logits_layer", [True, False])
 @pytest.mark.parametrize("iterations", [0, 1, 3])
 @pytest.mark.parametrize("net", ["tiny", "liresnet"])
-def test_a_training_steps_estimates_are_those_before_its_last_advance_and_it_advances_as_step(net, iterations):
+def test_a_training_steps_estimates_are_those_before_its_last_advance_and_it_advances_as_step(net, iterations, logits_layer):
     """PowerIteration.step_estimates (the trainer's step) reuses W x of its estimates as half of its last advance:
     estimates, their gradients in every weight and the iterates after it must equal those of step(k − 1),
-    layer_estimates(), step(1) — the same advances, one operator fewer. iterations = 0 advances nothing."""
+    layer_estimates(), step(1) — the same advances, one operator fewer. iterations = 0 advances nothing.
+    Without the logits layer (GloRo's step) the other layers' estimates, gradients and iterates are the same,
+    and the logits layer's iterate is left as it was."""
     if net == "tiny":
         model, shape = tiny_net(), (2, 7, 7)
     else:
@@ -287,20 +290,28 @@ def test_a_training_steps_estimates_are_those_before_its_last_advance_and_it_adv
     def gradients(estimates):
         model.zero_grad()
         (estimates * weights).sum().backward()
-        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
 
+    last = reference.layer_indices[-1]
+    untouched = fused.iterate(last).clone()
+    if not logits_layer:
+        weights[-1] = 0.0  # the reference's logits-layer estimate then adds nothing to any gradient
     reference.step(max(iterations - 1, 0))
     expected = reference.layer_estimates()
     expected_gradients = gradients(expected)
     reference.step(min(iterations, 1))
-    got = fused.step_estimates(iterations)
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
-    got_gradients = gradients(got)
-    assert len(got_gradients) == len(expected_gradients) > 0
+    got = fused.step_estimates(iterations, logits_layer=logits_layer)
+    torch.testing.assert_close(got, expected if logits_layer else expected[:-1], rtol=1e-6, atol=0)
+    got_gradients = gradients(got if logits_layer else torch.cat([got, got.new_zeros(1)]))
+    assert any(g.abs().sum() > 0 for g in got_gradients)
     for mine, theirs in zip(got_gradients, expected_gradients):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
-    for index in reference.layer_indices:
+    for index in reference.layer_indices[:-1]:
         torch.testing.assert_close(fused.iterate(index), reference.iterate(index), rtol=1e-5, atol=1e-7)
+    if logits_layer:
+        torch.testing.assert_close(fused.iterate(last), reference.iterate(last), rtol=1e-5, atol=1e-7)
+    else:
+        assert torch.equal(fused.iterate(last), untouched)
     assert all(not b.requires_grad for b in fused.buffers())
 
 
@@ -321,6 +332,8 @@ def test_the_objectives_step_takes_its_estimates_before_the_advance_and_only_the
     mine, reference = make_objective(config, model, spec, 1), make_objective(config, model, spec, 1)
     mine.loss(model, x, y, 1)  # warm-up: plain cross-entropy, the iterates advance
     reference.power.step(2)
+    last = reference.power.layer_indices[-1]
+    after_warm_up = reference.power.iterate(last).clone()
     got = mine.loss(model, x, y, 2)
     reference.power.step(1)
     estimates = reference.power.layer_estimates()
@@ -330,12 +343,15 @@ def test_the_objectives_step_takes_its_estimates_before_the_advance_and_only_the
         lower = local_losses.lower_bounds(method, reference.graph, reference.power, x, y, eps, estimates)
         expected = local_losses.mixed_loss(logits, y, lower, lam)
     else:
-        K = reference.power.margin_matrix(estimates)
+        K = reference.power.margin_matrix(estimates[:-1])
         expected = losses.gloro_trades(logits, y, K, eps, lam) if loss == "trades" else losses.emma(logits, y, K, eps)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
     reference.power.step(1)
-    for index in mine.power.layer_indices:
+    for index in mine.power.layer_indices[:-1]:
         torch.testing.assert_close(mine.power.iterate(index), reference.power.iterate(index), rtol=1e-6, atol=1e-8)
+    # BCP reads the logits layer's norm and advances it; GloRo's margin matrix reads that layer's rows, not its norm
+    expected_last = reference.power.iterate(last) if method == "bcp" else after_warm_up
+    torch.testing.assert_close(mine.power.iterate(last), expected_last, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("classes", [3, 30])  # torch's cdist switches to a matmul form beyond 25 rows unless told not to
@@ -343,7 +359,7 @@ def test_margin_matrix_is_the_row_distances_times_the_earlier_estimates_with_an_
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, classes))
     power = PowerIteration(model, (5,))
-    estimates = torch.tensor([1.7, 0.0], requires_grad=True)  # the last layer's own estimate is not used
+    estimates = torch.tensor([1.7], requires_grad=True)  # the layers' before the logits layer (whose rows are read)
     K = power.margin_matrix(estimates)
     weight = model[2].weight.detach().double()
     expected = torch.linalg.vector_norm(weight[:, None, :] - weight[None, :, :], dim=-1) * 1.7

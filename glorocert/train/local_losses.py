@@ -89,7 +89,7 @@ def lower_bounds(method: str, graph: Graph, power: PowerIteration, x: torch.Tens
                 norm = norm * estimates[position[int(node.name)]]
         return norm
 
-    return bcp.training_lower_bounds(graph, x, labels, eps, block_norm=block_norm, margin=power.margin_matrix(estimates))
+    return bcp.training_lower_bounds(graph, x, labels, eps, block_norm=block_norm, margin=power.margin_matrix(estimates[:-1]))
 
 
 def robust_cross_entropy(lower: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,9 @@ class RobustObjective(Objective):
     run to convergence before every evaluation)."""
 
     ramps_lam = True
+    # whether the loss reads the logits layer's norm estimate (BCP's last block does); GloRo's margin matrix reads
+    # that layer's rows exactly instead, so its steps leave the layer out (PowerIteration.step_estimates)
+    logits_layer_norm = True
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module, spec: dict, steps_per_epoch: int):
         self.config, self.settings = config, config.robust
@@ -108,7 +111,7 @@ class RobustObjective(Objective):
         self.train_eps = self.eps_schedule.ramp(progress, s.train_eps) if robust else 0.0
         self.lam = self.lam_schedule.ramp(progress, s.lam) if robust and self.ramps_lam else 0.0
         if robust:
-            estimates = self.power.step_estimates(s.power_iterations)
+            estimates = self.power.step_estimates(s.power_iterations, logits_layer=self.logits_layer_norm)
         elif s.loss != "ce":  # warm-up; plain CE never reads the iterates (they are converged from where they are to evaluate)
             self.power.step(s.power_iterations)
         logits = model(x)
@@ -118,7 +121,8 @@ class RobustObjective(Objective):
 
     def robust_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, estimates: torch.Tensor) -> torch.Tensor:
         """The loss of a step after the warm-up; ``estimates``: the layers' differentiable norm estimates
-        (:meth:`~glorocert.train.power.PowerIteration.step_estimates`)."""
+        (:meth:`~glorocert.train.power.PowerIteration.step_estimates`), the logits layer's only if
+        ``logits_layer_norm``."""
         raise NotImplementedError
 
     def metrics(self, model, margin: torch.Tensor, x_val, y_val, final: bool) -> dict[str, float]:
@@ -156,6 +160,8 @@ class RobustObjective(Objective):
 class GloroObjective(RobustObjective):
     """GloRo cross-entropy, GloRo-TRADES or EMMA (``loss="ce"``: plain cross-entropy throughout), with the
     power-iteration estimate of the margin matrix K; VRA by the GloRo rule with the converged estimate."""
+
+    logits_layer_norm = False  # the loss reads the margin matrix only
 
     def __init__(self, config, model, spec, steps_per_epoch):
         super().__init__(config, model, spec, steps_per_epoch)

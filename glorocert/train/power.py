@@ -52,11 +52,12 @@ def _one_image_kernels(device: torch.device):
     if device.type != "cpu":
         yield
         return
-    enabled = torch.backends.mkldnn.set_flags(False, _fp32_precision=None)[0]
+    enabled = torch.backends.mkldnn.enabled  # the switch alone: set_flags reads and writes four settings (9 µs a pair)
+    torch.backends.mkldnn.enabled = False
     try:
         yield
     finally:
-        torch.backends.mkldnn.set_flags(enabled, _fp32_precision=None)
+        torch.backends.mkldnn.enabled = enabled
 
 
 class _OneImageConv(torch.autograd.Function):
@@ -72,12 +73,10 @@ class _OneImageConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad_x = grad_weight = None
-        with _one_image_kernels(x.device):
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, ctx.stride, ctx.padding)
-            if ctx.needs_input_grad[1]:
-                grad_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad, ctx.stride, ctx.padding)
+        wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], False)
+        with _one_image_kernels(x.device):  # the op torch.nn.grad.conv2d_input/_weight call, once for both
+            grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, ctx.stride, ctx.padding, (1, 1), False, (0, 0), 1, wanted)
         return grad_x, grad_weight, None, None
 
 
@@ -182,7 +181,7 @@ class PowerIteration(nn.Module):
             for index in self.layer_indices:
                 self._iterate_once(index)
 
-    def step_estimates(self, iterations: int = 1) -> torch.Tensor:
+    def step_estimates(self, iterations: int = 1, *, logits_layer: bool = True) -> torch.Tensor:
         """A training step's power iteration: the differentiable estimates ``‖W x‖`` of the iterates ``x`` the
         last of ``iterations`` advances starts from (as :meth:`layer_estimates`), and the advances.
 
@@ -190,27 +189,35 @@ class PowerIteration(nn.Module):
         a training step runs one one-image operator per layer fewer than :meth:`step` then
         :meth:`layer_estimates` (≈ 0.5 ms of a 2C2F step on one CPU thread). The estimate lags the iterate by
         one advance; both approach the same σ_max from below.
+
+        ``logits_layer=False`` leaves the last layer out, neither estimated nor advanced (:meth:`converge` takes
+        its iterate from where it is before an evaluation): a loss that reads only :meth:`margin_matrix` uses
+        that layer's rows exactly, not its norm, and its step saves the layer's operators and their backward.
         """
         iterations = int(iterations)
-        self.step(max(iterations - 1, 0))
+        layers = self.layer_indices if logits_layer else self.layer_indices[:-1]
+        for _ in range(max(iterations - 1, 0)):
+            for index in layers:
+                self._iterate_once(index)
         values = []
-        for index in self.layer_indices:
+        for index in layers:
             image = self._forward_operator(index, self.iterate(index).clone())  # the graph keeps x; it is overwritten below
             values.append(image.norm())
             if iterations > 0:
                 self._iterate_once(index, image.detach())
-        return torch.stack(values)
+        return torch.stack(values) if values else self.iterate(self.layer_indices[0]).new_ones(0)
 
-    def layer_estimates(self) -> torch.Tensor:
-        """Differentiable estimates ``‖W x‖`` per layer (gradient flows through W, not x).
+    def layer_estimates(self, *, logits_layer: bool = True) -> torch.Tensor:
+        """Differentiable estimates ``‖W x‖`` per layer (gradient flows through W, not x); the last layer's left
+        out when ``logits_layer`` is False.
 
         A lower estimate of each spectral norm; see the module docstring.
         """
         values = []
-        for index in self.layer_indices:
+        for index in self.layer_indices if logits_layer else self.layer_indices[:-1]:
             x = self.iterate(index).detach()
             values.append(self._forward_operator(index, x).norm())
-        return torch.stack(values)
+        return torch.stack(values) if values else self.iterate(self.layer_indices[0]).new_ones(0)
 
     @torch.no_grad()
     def converge(self, tol: float = 1e-6, max_iterations: int = 10_000) -> ConvergenceReport:
@@ -240,19 +247,18 @@ class PowerIteration(nn.Module):
     # -- what the loss needs --------------------------------------------------
     def margin_lipschitz(self) -> torch.Tensor:
         """Estimated margin matrix ``K[j, i]`` ≈ Lipschitz constant of ``y_j − y_i`` (C×C, differentiable), from
-        the current iterates: :meth:`margin_matrix` of :meth:`layer_estimates`."""
-        return self.margin_matrix(self.layer_estimates())
+        the current iterates: :meth:`margin_matrix` of the estimates of the layers before the logits layer."""
+        return self.margin_matrix(self.layer_estimates(logits_layer=False))
 
-    def margin_matrix(self, estimates: torch.Tensor) -> torch.Tensor:
-        """``K[j, i] = ‖W_last[j] − W_last[i]‖₂ · ∏ (earlier layers' estimates)`` from the per-layer ``estimates``;
-        the diagonal is exactly 0. The last layer's bias does not matter. An estimate, not a bound: see the
-        module docstring.
+    def margin_matrix(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``K[j, i] = ‖W_last[j] − W_last[i]‖₂ · ∏ hidden`` from the estimates ``hidden`` of every layer before
+        the last (the logits) layer; the diagonal is exactly 0. The last layer's bias does not matter. An
+        estimate, not a bound: see the module docstring.
         """
-        penultimate = torch.prod(estimates[:-1]) if len(estimates) > 1 else estimates.new_ones(())
         weight = self._module(self.layer_indices[-1]).weight
         # cdist's direct mode: an exact 0 diagonal with a zero (not NaN) gradient, in one op (the mm mode that
         # torch picks for more than 25 classes rounds the diagonal off zero)
-        return torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist") * penultimate
+        return torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist") * torch.prod(hidden)
 
     def lipschitz_estimate(self) -> float:
         """Product of the per-layer estimates: an estimate of the whole network's constant."""
