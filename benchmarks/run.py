@@ -318,69 +318,57 @@ def _rss_child(mode: str, path: str) -> None:
     print(peak_rss_bytes())  # this process's own peak: ru_maxrss would carry the (large) parent's over exec
 
 
-class _EpochClock:
-    """Training callbacks that split each epoch into its optimisation steps and the rest (convergence, evaluation)."""
-
-    def __init__(self):
-        self.mark = time.perf_counter()
-        self.steps: list[float] = []  # seconds of optimisation steps per epoch
-        self.rest: list[float] = []  # power-iteration convergence, evaluation, checkpoint
-
-    def on_step(self, epoch, step, loss):
-        self.last_step = time.perf_counter()
-
-    def on_epoch(self, record):
-        now = time.perf_counter()
-        self.steps.append(self.last_step - self.mark)
-        self.rest.append(now - self.last_step)
-        self.mark = now
-
-
 TRAIN_EVAL_EVERY = 10  # the evaluation schedule the whole-epoch ratio assumes (`glorocert train --eval-every 10`)
 
 
-def bench_train(rounds: int = 2, epochs: int = 4) -> None:
-    """Seconds per epoch, GloRo (TRADES, EMMA) vs plain cross-entropy, same architecture, batch and data, interleaved.
+def bench_train(rounds: int = 8, epochs_per_round: int = 1) -> None:
+    """Seconds per epoch, GloRo (TRADES, EMMA) vs plain cross-entropy, same architecture, batch, data and epoch
+    code (the trainer's own ``_Run._epoch``), interleaved epoch by epoch so that other load on the machine falls
+    on all three alike; the first round (iterates from random vectors) is left out.
 
-    Each run evaluates only after its last epoch (``eval_every = epochs``), so epochs 2 … E−1 are pure training
-    (epoch 1 is left out: its iterates start from random vectors) and the last one adds the held-out evaluation
-    with the iterates converged. Columns: the optimisation steps alone; a whole epoch without evaluation; and a
-    whole epoch with an evaluation every ``TRAIN_EVAL_EVERY`` epochs, i.e. (N − 1 plain epochs + 1 evaluated) / N.
-    Plain CE skips the power iteration in its steps (its loss does not use it) but converges it to evaluate.
+    Columns: an epoch without evaluation (the optimisation steps); one evaluation (the objective's ``end_epoch``:
+    power iteration converged from where the steps left it, then clean accuracy and VRA on the held-out split),
+    timed after each epoch, interleaved too; and a whole epoch with an evaluation every ``TRAIN_EVAL_EVERY``
+    epochs, epoch + evaluation / N. Plain CE skips the power iteration in its steps (its loss does not use it)
+    but converges it to evaluate.
     """
+    from glorocert.train import RobustSettings, TrainConfig
     from glorocert.train.datasets import load_training_data
-    from glorocert.train import RobustSettings, TrainConfig, train
+    from glorocert.train.loop import _Run, _spec
 
     data = load_training_data("mnist-5k")
+    tensors = (data.x_train, data.y_train, data.x_val, data.y_val)
     every = TRAIN_EVAL_EVERY
-    table = Table(title=f"training on mnist-5k (4,000 samples, batch 256): GloRo / plain CE seconds per epoch, median "
-                        f"of {rounds} interleaved runs of {epochs} epochs")
-    for col in ("architecture", "loss", "steps", "ratio", "epoch, no evaluation", "ratio",
-                f"epoch, evaluated every {every}", "ratio"):
+    table = Table(title=f"training on mnist-5k (4,000 samples, batch 256): GloRo / plain CE seconds, median of {rounds} "
+                        f"rounds of one epoch each, interleaved epoch by epoch ({torch.get_num_threads()} torch threads)")
+    for col in ("architecture", "loss", "epoch", "ratio", "evaluation", f"epoch, evaluated every {every}", "ratio"):
         table.add_column(col)
     nets = [("2C2F ReLU", dict(arch="2c2f", activation="relu")), ("2C2F MinMax", dict(arch="2c2f", activation="minmax")),
             ("LiResNet 4×16 MinMax", dict(arch="liresnet", depth=4, width=16, activation="minmax"))]
+    losses = ("ce", "trades", "emma")
     for name, net in nets:
-        losses = ("ce", "trades", "emma")
-        steps, plain, evaluated = ({loss: [] for loss in losses} for _ in range(3))
-        for _ in range(rounds):
-            for loss in losses:
-                config = TrainConfig(**net, epochs=epochs, eval_every=epochs,
-                                     robust=RobustSettings(loss=loss, eps=0.3, train_eps=0.45, lam=2.0))
-                clock = _EpochClock()
-                result = train(config, data.x_train, data.y_train, data.x_val, data.y_val, progress=clock)
-                steps[loss] += clock.steps[1:]
-                seconds = [record.seconds for record in result.history]
-                plain[loss] += seconds[1:-1]
-                evaluated[loss].append(seconds[-1])
-        median = {loss: (statistics.median(steps[loss]), statistics.median(plain[loss]),
-                         ((every - 1) * statistics.median(plain[loss]) + statistics.median(evaluated[loss])) / every)
-                  for loss in losses}
+        runs = {}
+        for loss in losses:
+            config = TrainConfig(**net, epochs=rounds + 1, eval_every=rounds + 1,
+                                 robust=RobustSettings(loss=loss, eps=0.3, train_eps=0.45, lam=2.0))
+            runs[loss] = _Run(config, _spec(config, *tensors), torch.device("cpu"), tensors, None)
+        epoch_seconds, evaluation_seconds = ({loss: [] for loss in losses} for _ in range(2))
+        for epoch in range(rounds + 1):
+            for loss, run in runs.items():
+                record = run._epoch(epoch)
+                t0 = time.perf_counter()
+                run.objective.end_epoch(run.model, run.x_val, run.y_val)
+                if epoch:
+                    epoch_seconds[loss].append(record.seconds)
+                    evaluation_seconds[loss].append(time.perf_counter() - t0)
+        epoch_median = {loss: statistics.median(v) for loss, v in epoch_seconds.items()}
+        evaluation_median = {loss: statistics.median(v) for loss, v in evaluation_seconds.items()}
+        scheduled = {loss: epoch_median[loss] + evaluation_median[loss] / every for loss in losses}
         for loss in ("trades", "emma"):
-            cells = []
-            for gloro, ce in zip(median[loss], median["ce"]):
-                cells += [f"{gloro:.2f} / {ce:.2f}", f"{gloro / ce:.3f}×"]
-            table.add_row(name, {"trades": "GloRo-TRADES", "emma": "EMMA"}[loss], *cells)
+            table.add_row(name, {"trades": "GloRo-TRADES", "emma": "EMMA"}[loss],
+                          f"{epoch_median[loss]:.3f} / {epoch_median['ce']:.3f}", f"{epoch_median[loss] / epoch_median['ce']:.3f}×",
+                          f"{evaluation_median[loss]:.3f} / {evaluation_median['ce']:.3f}",
+                          f"{scheduled[loss]:.3f} / {scheduled['ce']:.3f}", f"{scheduled[loss] / scheduled['ce']:.3f}×")
     console.print(table)
 
 
